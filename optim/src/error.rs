@@ -1,0 +1,45 @@
+//! Errors of the curvature computations and of user input to the optimizers.
+
+use thiserror::Error;
+
+/// Why a layer's curvature could not be computed; the optimizer falls back to the plain gradient.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum CurvatureError {
+    /// A matrix that must be positive definite was not (Cholesky failed).
+    #[error("a {size}x{size} matrix that should be positive definite is not (Cholesky failed)")]
+    NotPositiveDefinite {
+        /// Order of the matrix.
+        size: usize,
+    },
+    /// NaN or Inf appeared in the named quantity.
+    #[error("NaN or Inf in {what}")]
+    NonFinite {
+        /// The quantity that held the non-finite value.
+        what: &'static str,
+    },
+    /// An iterative host routine did not converge.
+    #[error("{what} did not converge")]
+    NoConvergence {
+        /// The routine.
+        what: &'static str,
+    },
+    /// The captured tensors do not fit the layer's gradient.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+}
+
+/// Invalid settings given to an optimizer or a capture wrapper.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    /// A setting is outside its valid range.
+    #[error("invalid value for `{field}`: {message}")]
+    Invalid {
+        /// The setting's name.
+        field: &'static str,
+        /// What was expected.
+        message: String,
+    },
+    /// The layer is not supported by curvature capture.
+    #[error("unsupported layer: {0}")]
+    Unsupported(String),
+}

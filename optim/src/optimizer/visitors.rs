@@ -1,0 +1,117 @@
+//! Module visitors and mappers of the optimizer: names, the NaN guard, and the SGD-momentum update.
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsParams, MultiGradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+
+/// Dotted module paths of every float parameter, for messages.
+#[derive(Default)]
+pub struct ParamNames {
+    path: Vec<String>,
+    /// Path of each parameter.
+    pub names: HashMap<ParamId, String>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamNames {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let path = self
+            .path
+            .iter()
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .collect::<Vec<_>>();
+        self.names.insert(param.id, path.join("."));
+    }
+}
+
+/// Sums `0 * g` over every gradient: NaN exactly when some gradient holds NaN or Inf.
+pub struct FiniteCheck<'a, B: AutodiffBackend> {
+    pub grads: &'a GradientsParams,
+    pub acc: Option<Tensor<B::InnerBackend, 1>>,
+    /// With `list`, the ids of non-finite gradients are collected (slow path, one sync each).
+    pub list: Option<Vec<ParamId>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for FiniteCheck<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let probe = (g * 0.0).sum();
+        if let Some(list) = &mut self.list {
+            if !probe.into_scalar().elem::<f64>().is_finite() {
+                list.push(param.id);
+            }
+        } else {
+            self.acc = Some(match self.acc.take() {
+                Some(acc) => acc + probe,
+                None => probe,
+            });
+        }
+    }
+}
+
+/// Collects per-device gradients into one `GradientsParams` (for `step_multi`).
+pub struct MergeGradients<'a> {
+    pub multi: &'a mut MultiGradientsParams,
+    pub out: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for MergeGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some((g, _device)) = self.multi.remove::<B::InnerBackend, D>(param.id) {
+            self.out.register(param.id, g);
+        }
+    }
+}
+
+/// `d = dir + wd p; buf = m buf + d; p -= lr buf` for every parameter with a direction.
+pub struct MomentumUpdate<'a, B: AutodiffBackend> {
+    pub directions: &'a mut GradientsParams,
+    pub buffers: &'a mut BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(direction) = self.directions.remove::<B::InnerBackend, D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let require_grad = tensor.is_require_grad();
+        let value = tensor.inner();
+        let dims = value.dims();
+        let numel = value.shape().num_elements();
+        let mut d = direction.to_device(&value.device());
+        if self.weight_decay != 0.0 {
+            d = d + value.clone() * self.weight_decay;
+        }
+        let d = d.reshape([numel]);
+        let buf = match self.buffers.remove(&id.val()) {
+            Some(buf) if self.momentum != 0.0 => buf * self.momentum + d,
+            _ => d,
+        };
+        let updated = value - buf.clone().reshape(dims) * self.lr;
+        if self.momentum != 0.0 {
+            self.buffers.insert(id.val(), buf);
+        }
+        let mut tensor = Tensor::from_inner(updated);
+        if require_grad {
+            tensor = tensor.require_grad();
+        }
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}

@@ -1,0 +1,12 @@
+//! Preconditioners: each turns a layer's curvature data and damping into a direction.
+
+pub mod kfac;
+pub mod kid;
+pub mod kis;
+pub mod lowrank;
+pub mod sngd;
+pub mod switch;
+
+pub use kfac::KfacState;
+pub use lowrank::LowRankState;
+pub use switch::{HyloMode, SwitchPolicy};

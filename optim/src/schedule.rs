@@ -1,0 +1,199 @@
+//! Schedules of HyLo's code: damping decay per refresh and the warmup + multi-step learning rate.
+
+use burn::config::Config;
+use burn::optim::lr_scheduler::LrScheduler;
+use burn::optim::LearningRate;
+use burn::tensor::backend::Backend;
+
+use crate::error::ConfigError;
+
+/// Damping lambda: constant, or decaying towards a target at each refresh after a warmup.
+#[derive(Config, Debug, PartialEq)]
+pub struct DampingConfig {
+    /// Initial damping lambda_0.
+    #[config(default = 0.1)]
+    pub initial: f64,
+    /// Target damping lambda_T; `None` keeps the damping constant.
+    #[config(default = "None")]
+    pub target: Option<f64>,
+    /// Decay horizon S: alpha = 2 log10(lambda_0 / lambda_T) / S.
+    #[config(default = 90)]
+    pub decay_refreshes: usize,
+    /// Refreshes before the decay starts.
+    #[config(default = 0)]
+    pub warmup_refreshes: usize,
+}
+
+impl DampingConfig {
+    /// Checks the values, naming the field that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |field, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    field,
+                    message: format!("expected a positive finite number, got {v}"),
+                })
+            }
+        };
+        positive("damping", self.initial)?;
+        if let Some(t) = self.target {
+            positive("target_damping", t)?;
+            if self.decay_refreshes == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "damping_decay",
+                    message: "must be at least 1 when a target damping is set".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The damping after `refreshes` refreshes have been done.
+    pub fn value_after(&self, refreshes: usize) -> f64 {
+        let Some(target) = self.target else {
+            return self.initial;
+        };
+        let alpha =
+            (2.0 * (self.initial / target).log10() / self.decay_refreshes as f64).clamp(0.0, 1.0);
+        let decays = refreshes.saturating_sub(self.warmup_refreshes);
+        let mut lambda = self.initial;
+        for _ in 0..decays {
+            lambda = (1.0 - alpha) * lambda + alpha * target;
+        }
+        lambda
+    }
+}
+
+/// Linear warmup over `warmup_steps`, then the rate is multiplied by `decay` at each milestone.
+#[derive(Config, Debug)]
+pub struct WarmupMultiStepConfig {
+    /// Peak learning rate.
+    pub base_lr: f64,
+    /// Steps of linear warmup from `base_lr / warmup_steps` to `base_lr`.
+    #[config(default = 0)]
+    pub warmup_steps: usize,
+    /// Steps at which the rate is multiplied by `decay`.
+    #[config(default = "Vec::new()")]
+    pub milestones: Vec<usize>,
+    /// Factor applied at each milestone.
+    #[config(default = 0.1)]
+    pub decay: f64,
+}
+
+impl WarmupMultiStepConfig {
+    /// The scheduler, or an error naming the bad field.
+    pub fn init(&self) -> Result<WarmupMultiStep, ConfigError> {
+        if !(self.base_lr.is_finite() && self.base_lr > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: "lr",
+                message: format!("expected a positive learning rate, got {}", self.base_lr),
+            });
+        }
+        if !(self.decay.is_finite() && self.decay > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: "lr_decay",
+                message: format!("expected a positive factor, got {}", self.decay),
+            });
+        }
+        Ok(WarmupMultiStep {
+            config: self.clone(),
+            step: 0,
+        })
+    }
+}
+
+/// The learning-rate schedule of HyLo's code, as a Burn `LrScheduler`.
+#[derive(Clone, Debug)]
+pub struct WarmupMultiStep {
+    config: WarmupMultiStepConfig,
+    step: usize,
+}
+
+impl WarmupMultiStep {
+    /// The rate at a given step (0-based).
+    pub fn rate_at(&self, step: usize) -> f64 {
+        let c = &self.config;
+        if step < c.warmup_steps {
+            return c.base_lr * (step + 1) as f64 / c.warmup_steps as f64;
+        }
+        let passed = c.milestones.iter().filter(|&&m| step >= m).count();
+        c.base_lr * c.decay.powi(passed as i32)
+    }
+}
+
+impl LrScheduler for WarmupMultiStep {
+    type Record<B: Backend> = usize;
+
+    fn step(&mut self) -> LearningRate {
+        let lr = self.rate_at(self.step);
+        self.step += 1;
+        lr
+    }
+
+    fn to_record<B: Backend>(&self) -> Self::Record<B> {
+        self.step
+    }
+
+    fn load_record<B: Backend>(mut self, record: Self::Record<B>) -> Self {
+        self.step = record;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damping_decays_towards_target() {
+        let d = DampingConfig::new()
+            .with_initial(1.5)
+            .with_target(Some(0.1))
+            .with_decay_refreshes(90)
+            .with_warmup_refreshes(2);
+        assert_eq!(d.value_after(0), 1.5);
+        assert_eq!(d.value_after(2), 1.5);
+        let alpha = 2.0 * (15.0f64).log10() / 90.0;
+        let one = (1.0 - alpha) * 1.5 + alpha * 0.1;
+        assert!((d.value_after(3) - one).abs() < 1e-12);
+        let late = d.value_after(2000);
+        assert!((late - 0.1).abs() < 1e-6 && late >= 0.1);
+        let mut prev = f64::INFINITY;
+        for k in 0..200 {
+            let v = d.value_after(k);
+            assert!(v <= prev);
+            prev = v;
+        }
+    }
+
+    #[test]
+    fn constant_damping_and_validation() {
+        let d = DampingConfig::new().with_initial(0.03);
+        assert_eq!(d.value_after(1000), 0.03);
+        assert!(d.validate().is_ok());
+        assert!(DampingConfig::new().with_initial(-1.0).validate().is_err());
+        assert!(DampingConfig::new()
+            .with_target(Some(0.01))
+            .with_decay_refreshes(0)
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn warmup_then_milestones() {
+        let mut s = WarmupMultiStepConfig::new(1.0)
+            .with_warmup_steps(4)
+            .with_milestones(vec![6, 8])
+            .with_decay(0.5)
+            .init()
+            .unwrap();
+        let rates: Vec<f64> = (0..10).map(|_| s.step()).collect();
+        assert_eq!(
+            rates,
+            vec![0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+        );
+        assert!(WarmupMultiStepConfig::new(0.0).init().is_err());
+    }
+}

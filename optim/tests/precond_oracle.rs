@@ -1,0 +1,279 @@
+//! K-FAC against the dense Kronecker product, and HyLo's KID/KIS in their exact limits.
+
+mod common;
+
+use burn::module::ParamId;
+use burn::tensor::Tensor;
+use common::*;
+use faer::Mat;
+use hylo_optim::capture::{CapturedInput, LayerCapture, LayerGeometry};
+use hylo_optim::factors::kfac_factors;
+use hylo_optim::precond::{kid, kis, sngd, KfacState};
+use hylo_optim::rows::PerSampleRows;
+
+fn linear_capture(n: usize, d_in: usize, d_out: usize, seed: u64) -> LayerCapture<IB> {
+    LayerCapture {
+        weight_id: ParamId::new(),
+        bias_id: Some(ParamId::new()),
+        geometry: LayerGeometry::Linear {
+            d_in,
+            d_out,
+            bias: true,
+        },
+        input: CapturedInput::Linear(tensor::<IB, 3>(seed, [n, 1, d_in])),
+        // backward's dL/dy = g / n
+        output_grad: tensor::<IB, 3>(seed + 1, [n, 1, d_out]) / n as f64,
+    }
+}
+
+/// Dense (G kron A + lambda I)^-1 vec(X) in the row-major vec of X `[d_out, d_in]`.
+fn dense_kron_solve(a: &Mat<f64>, g: &Mat<f64>, x: &[f64], lambda: f64) -> Vec<f64> {
+    let (da, dg) = (a.nrows(), g.nrows());
+    let d = da * dg;
+    let mut f = Mat::from_fn(d, d, |r, c| g[(r / da, c / da)] * a[(r % da, c % da)]);
+    for i in 0..d {
+        f[(i, i)] += lambda;
+    }
+    let rhs = Mat::from_fn(d, 1, |i, _| x[i]);
+    let sol = hylo_optim::linalg::spd_solve(f.as_ref(), rhs.as_ref()).unwrap();
+    (0..d).map(|i| sol[(i, 0)]).collect()
+}
+
+#[test]
+fn kfac_direction_matches_dense_kronecker() {
+    let capture = linear_capture(8, 4, 3, 10);
+    let (a, g) = kfac_factors(&capture);
+    let mut state = KfacState::new(a.clone(), g.clone());
+    state.update_inverses().unwrap();
+    let ghat = tensor::<IB, 2>(20, [3, 5]);
+    let lambda = 0.03;
+    let v = to_vec(state.apply(ghat.clone(), lambda).unwrap());
+    let oracle = dense_kron_solve(&to_mat(a), &to_mat(g), &to_vec(ghat), lambda);
+    let err = rel_err(&v, &oracle);
+    assert!(err <= 1e-4, "K-FAC relative error {err}");
+}
+
+#[test]
+fn kfac_running_average_folds_factors() {
+    let c1 = linear_capture(4, 3, 2, 1);
+    let c2 = linear_capture(4, 3, 2, 2);
+    let (a1, g1) = kfac_factors(&c1);
+    let (a2, g2) = kfac_factors(&c2);
+    let mut state = KfacState::new(a1.clone(), g1.clone());
+    state.update_factors(a2.clone(), g2.clone(), 0.75);
+    let expected = to_vec(a1 * 0.75 + a2 * 0.25);
+    assert!(rel_err(&to_vec(state.a_factor.clone()), &expected) < 1e-6);
+    let expected = to_vec(g1 * 0.75 + g2 * 0.25);
+    assert!(rel_err(&to_vec(state.g_factor), &expected) < 1e-6);
+}
+
+#[test]
+fn kfac_factors_of_one_sample_are_the_exact_fisher_block() {
+    let capture = linear_capture(1, 4, 3, 30);
+    let (a, g) = kfac_factors(&capture);
+    let rows = hylo_optim::factors::per_sample_rows(&capture, Default::default());
+    let j = to_mat(rows.jacobian()); // 1 x (d_out * d_in')
+    let fisher = j.transpose() * &j;
+    let (a, g) = (to_mat(a), to_mat(g));
+    let da = a.nrows();
+    let d = fisher.nrows();
+    for r in 0..d {
+        for c in 0..d {
+            let kron = g[(r / da, c / da)] * a[(r % da, c % da)];
+            assert!((kron - fisher[(r, c)]).abs() < 1e-5 * (1.0 + fisher[(r, c)].abs()));
+        }
+    }
+}
+
+fn kron_rows(n: usize, d_in: usize, d_out: usize, seed: u64) -> PerSampleRows<IB> {
+    PerSampleRows::Kronecker {
+        a: tensor(seed, [n, d_in]),
+        g: tensor(seed + 1, [n, d_out]),
+    }
+}
+
+/// Rows whose per-sample gradients span exactly `k` directions: row i is c_i (a_{i mod k}, g_{i mod k}).
+fn rank_k_rows(n: usize, k: usize, d_in: usize, d_out: usize) -> PerSampleRows<IB> {
+    let base_a = values(40, k * d_in);
+    let base_g = values(41, k * d_out);
+    let scales = values(42, n);
+    let mut a = Vec::new();
+    let mut g = Vec::new();
+    for i in 0..n {
+        let c = 0.5 + scales[i].abs();
+        a.extend(
+            base_a[(i % k) * d_in..(i % k + 1) * d_in]
+                .iter()
+                .map(|x| x * c),
+        );
+        g.extend(base_g[(i % k) * d_out..(i % k + 1) * d_out].iter().copied());
+    }
+    let dev = Default::default();
+    PerSampleRows::Kronecker {
+        a: Tensor::from_data(burn::tensor::TensorData::new(a, [n, d_in]), &dev),
+        g: Tensor::from_data(burn::tensor::TensorData::new(g, [n, d_out]), &dev),
+    }
+}
+
+fn sngd_direction(rows: &PerSampleRows<IB>, ghat: &Tensor<IB, 2>, lambda: f64) -> Vec<f64> {
+    to_vec(
+        sngd::refresh(rows.clone(), lambda)
+            .unwrap()
+            .apply(ghat.clone()),
+    )
+}
+
+#[test]
+fn kid_at_full_rank_equals_sngd() {
+    let rows = kron_rows(12, 5, 4, 50);
+    let ghat = tensor::<IB, 2>(51, [4, 5]);
+    let v_kid = to_vec(
+        kid::refresh(rows.clone(), 0.1, 12)
+            .unwrap()
+            .apply(ghat.clone()),
+    );
+    let err = rel_err(&v_kid, &sngd_direction(&rows, &ghat, 0.1));
+    assert!(err <= 1e-4, "KID r = n: {err}");
+}
+
+#[test]
+fn kid_on_exact_rank_kernel_equals_sngd() {
+    let (n, k) = (32, 4);
+    let rows = rank_k_rows(n, k, 6, 5);
+    let ghat = tensor::<IB, 2>(52, [5, 6]);
+    let state = kid::refresh(rows.clone(), 0.5, k).unwrap();
+    assert_eq!(state.rank(), k);
+    let v_kid = to_vec(state.apply(ghat.clone()));
+    let err = rel_err(&v_kid, &sngd_direction(&rows, &ghat, 0.5));
+    assert!(err <= 1e-4, "KID on a rank-{k} kernel: {err}");
+}
+
+#[test]
+fn kid_below_full_rank_is_a_different_but_finite_direction() {
+    let rows = kron_rows(16, 5, 4, 60);
+    let ghat = tensor::<IB, 2>(61, [4, 5]);
+    let state = kid::refresh(rows.clone(), 0.1, 4).unwrap();
+    assert_eq!(state.rank(), 4);
+    let v = to_vec(state.apply(ghat.clone()));
+    assert!(v.iter().all(|x| x.is_finite()));
+    assert!(rel_err(&v, &sngd_direction(&rows, &ghat, 0.1)) > 1e-3);
+}
+
+#[test]
+fn kid_with_rank_above_the_kernel_rank_stays_exact() {
+    // Duplicate rows make the kernel rank deficient; asking for more rows than its rank must not
+    // blow up and still reproduces SNGD.
+    let rows = rank_k_rows(20, 3, 5, 4);
+    let ghat = tensor::<IB, 2>(62, [4, 5]);
+    let state = kid::refresh(rows.clone(), 0.2, 10).unwrap();
+    assert!(state.rank() <= 10);
+    let v = to_vec(state.apply(ghat.clone()));
+    let err = rel_err(&v, &sngd_direction(&rows, &ghat, 0.2));
+    assert!(err <= 1e-3, "rank-deficient KID: {err}");
+}
+
+#[test]
+fn kis_with_rho_one_equals_sngd() {
+    let rows = kron_rows(10, 4, 3, 70);
+    let ghat = tensor::<IB, 2>(71, [3, 4]);
+    let v = to_vec(
+        kis::refresh(rows.clone(), 0.1, 1.0, 7)
+            .unwrap()
+            .apply(ghat.clone()),
+    );
+    let err = rel_err(&v, &sngd_direction(&rows, &ghat, 0.1));
+    assert!(err <= 1e-4, "KIS rho = 1: {err}");
+}
+
+#[test]
+fn kis_equals_sngd_on_the_sampled_rows() {
+    let rows = kron_rows(20, 4, 3, 72);
+    let ghat = tensor::<IB, 2>(73, [3, 4]);
+    let weights = to_vec(rows.squared_norms());
+    let picked = kis::sample_indices(&weights, kis::kept_rows(0.25, 20), 9);
+    assert_eq!(picked.len(), 5);
+    let v = to_vec(
+        kis::refresh(rows.clone(), 0.1, 0.25, 9)
+            .unwrap()
+            .apply(ghat.clone()),
+    );
+    let oracle = sngd_direction(&rows.select(&picked), &ghat, 0.1);
+    assert!(rel_err(&v, &oracle) <= 1e-6);
+}
+
+#[test]
+fn kis_sampling_follows_the_weights() {
+    let weights = [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 10.0];
+    let total: f64 = weights.iter().sum();
+    let draws = 20_000;
+    let mut counts = [0usize; 7];
+    for seed in 0..draws {
+        let picked = kis::sample_indices(&weights, 1, seed as u64);
+        assert_eq!(picked.len(), 1);
+        counts[picked[0]] += 1;
+    }
+    assert_eq!(counts[0] + counts[5], 0, "zero-weight rows were chosen");
+    for (i, &w) in weights.iter().enumerate() {
+        let freq = counts[i] as f64 / draws as f64;
+        // 5 sigma of a binomial at 20k draws is below 0.018; uniform sampling is off by >= 0.05.
+        assert!(
+            (freq - w / total).abs() < 0.02,
+            "row {i}: frequency {freq}, weight share {}",
+            w / total
+        );
+    }
+}
+
+#[test]
+fn kis_sampling_is_without_replacement_and_seeded() {
+    let weights: Vec<f64> = (0..50)
+        .map(|i| if i % 7 == 0 { 0.0 } else { i as f64 })
+        .collect();
+    let a = kis::sample_indices(&weights, 10, 3);
+    let b = kis::sample_indices(&weights, 10, 3);
+    assert_eq!(a, b);
+    let mut dedup = a.clone();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 10);
+    assert!(a.iter().all(|&i| i % 7 != 0));
+    // Fewer positive weights than r: keep exactly those.
+    assert_eq!(kis::sample_indices(&[0.0, 2.0, 0.0, 1.0], 3, 0), vec![1, 3]);
+    assert_eq!(kis::kept_rows(0.1, 128), 13);
+    assert_eq!(kis::kept_rows(0.1, 1), 1);
+}
+
+#[test]
+fn degenerate_inputs_give_finite_directions() {
+    let ghat = tensor::<IB, 2>(80, [3, 4]);
+    let zero = PerSampleRows::Kronecker {
+        a: Tensor::<IB, 2>::zeros([6, 4], &Default::default()),
+        g: Tensor::<IB, 2>::zeros([6, 3], &Default::default()),
+    };
+    let expected: Vec<f64> = to_vec(ghat.clone()).iter().map(|x| x / 0.1).collect();
+    for v in [
+        kid::refresh(zero.clone(), 0.1, 2)
+            .unwrap()
+            .apply(ghat.clone()),
+        kis::refresh(zero.clone(), 0.1, 0.5, 0)
+            .unwrap()
+            .apply(ghat.clone()),
+        sngd::refresh(zero.clone(), 0.1)
+            .unwrap()
+            .apply(ghat.clone()),
+    ] {
+        assert!(rel_err(&to_vec(v), &expected) < 1e-6);
+    }
+    // n = 1 with every method.
+    let one = kron_rows(1, 4, 3, 81);
+    let v_sngd = sngd_direction(&one, &ghat, 0.1);
+    for v in [
+        kid::refresh(one.clone(), 0.1, 1)
+            .unwrap()
+            .apply(ghat.clone()),
+        kis::refresh(one.clone(), 0.1, 0.1, 0)
+            .unwrap()
+            .apply(ghat.clone()),
+    ] {
+        assert!(rel_err(&to_vec(v), &v_sngd) < 1e-5);
+    }
+}
