@@ -142,7 +142,7 @@ mod tests {
 
     fn spd(n: usize) -> Mat<f64> {
         let x = Mat::from_fn(n, n, |i, j| {
-            ((i * 7 + j * 3) % 5) as f64 - 2.0 + (i == j) as f64
+            ((i * 7 + j * 3) % 5) as f64 - 2.0 + f64::from(u8::from(i == j))
         });
         &x * x.transpose() + Mat::<f64>::identity(n, n)
     }

@@ -5,6 +5,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use faer::Mat;
 
+pub mod models;
+
 pub type TB = Autodiff<Flex>;
 pub type IB = Flex;
 
