@@ -1,1 +1,3 @@
-//! hylo-datasets
+//! Datasets for the training binaries; nothing is downloaded.
+
+pub mod synthetic;

@@ -49,7 +49,7 @@ fn check_against_oracle<F>(
         per_sample.push(flat(&meta, &to_grads(loss)));
     }
     let d = per_sample[0].len();
-    let jac = Mat::from_fn(n, d, |i, j| per_sample[i][j] as f64);
+    let jac = Mat::from_fn(n, d, |i, j| per_sample[i][j]);
     let mean: Vec<f64> = (0..d)
         .map(|j| (0..n).map(|i| jac[(i, j)]).sum::<f64>() / n as f64)
         .collect();
@@ -84,7 +84,7 @@ fn sngd_linear_matches_dense_fisher() {
     let loss_of = |sample: Option<usize>| {
         let (x, t) = match sample {
             None => (x.clone(), t.clone()),
-            Some(i) => (x.clone().slice([i..i + 1]), t.clone().slice([i..i + 1])),
+            Some(i) => (x.clone().slice(i..i + 1), t.clone().slice(i..i + 1)),
         };
         let y = layer.forward(x);
         // l_i = sum_k sin(y_ik) * t_ik + 0.5 y_ik^2 (non-quadratic, so g_i varies per sample)
@@ -117,7 +117,7 @@ fn sngd_conv2d_exact_matches_dense_fisher() {
     let loss_of = |sample: Option<usize>| {
         let x = match sample {
             None => x.clone(),
-            Some(i) => x.clone().slice([i..i + 1]),
+            Some(i) => x.clone().slice(i..i + 1),
         };
         let y = layer.forward(x);
         let [b, c, h, w] = y.dims();
@@ -152,7 +152,7 @@ fn sngd_conv2d_same_padding_exact_matches_dense_fisher() {
     let loss_of = |sample: Option<usize>| {
         let x = match sample {
             None => x.clone(),
-            Some(i) => x.clone().slice([i..i + 1]),
+            Some(i) => x.clone().slice(i..i + 1),
         };
         let y = layer.forward(x);
         let [b, c, h, w] = y.dims();

@@ -140,7 +140,11 @@ impl KfacConfig {
         &self,
         capture: &CaptureHandle,
     ) -> Result<NaturalGradient<B>, ConfigError> {
-        if self.inverse_every == 0 || self.inverse_every % self.curvature.freq.max(1) != 0 {
+        if self.inverse_every == 0
+            || !self
+                .inverse_every
+                .is_multiple_of(self.curvature.freq.max(1))
+        {
             return Err(ConfigError::Invalid {
                 field: "inverse_every",
                 message: format!(

@@ -152,7 +152,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
 
     /// Whether step `step` captures curvature.
     pub fn is_curvature_step(&self, step: usize) -> bool {
-        step % self.config.freq == 0
+        step.is_multiple_of(self.config.freq)
     }
 
     fn step_inner<M: AutodiffModule<B>>(

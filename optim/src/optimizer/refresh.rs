@@ -56,7 +56,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 inverse_every,
                 factor_decay,
             } => {
-                let invert = self.step % inverse_every == 0;
+                let invert = self.step.is_multiple_of(inverse_every);
                 if invert {
                     self.advance_damping();
                 }

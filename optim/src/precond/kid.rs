@@ -46,12 +46,15 @@ pub fn refresh<B: Backend>(
     })
 }
 
+/// Skeleton row indices (in the original order) and the r x r middle matrix M.
+pub(crate) type Skeleton = (Vec<usize>, Mat<f64>);
+
 /// Skeleton row indices and M for a host kernel; `None` when the kernel is zero.
 pub(crate) fn middle_matrix(
     kernel: &Mat<f64>,
     damping: f64,
     rank: usize,
-) -> Result<Option<(Vec<usize>, Mat<f64>)>, CurvatureError> {
+) -> Result<Option<Skeleton>, CurvatureError> {
     let n = kernel.nrows();
     let (_q, r_full, piv) = linalg::pivoted_qr(kernel.as_ref());
     let top = r_full[(0, 0)].abs();
