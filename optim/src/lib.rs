@@ -6,6 +6,7 @@
 //! complete training loop.
 
 pub mod capture;
+pub mod diagnostics;
 pub mod error;
 pub mod factors;
 pub mod linalg;
