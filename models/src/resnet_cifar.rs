@@ -96,7 +96,7 @@ pub struct CifarResNet<B: Backend> {
 impl CifarResNetConfig {
     /// Blocks per stage, or an error naming the depth when it is not `6 k + 2`.
     pub fn blocks_per_stage(&self) -> Result<usize, String> {
-        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+        if self.depth < 8 || !(self.depth - 2).is_multiple_of(6) {
             return Err(format!(
                 "CIFAR ResNet depth must be 6k+2 (20, 32, 44, 56, 110), got {}",
                 self.depth

@@ -134,7 +134,7 @@ impl<B: Backend> Classifier<B> {
     ) -> Result<Self, String> {
         Ok(match name {
             ModelName::SmallCnn => {
-                if spec.image_size < 2 || spec.image_size % 2 != 0 {
+                if spec.image_size < 2 || !spec.image_size.is_multiple_of(2) {
                     return Err(format!(
                         "small-cnn needs an even image size, got {}",
                         spec.image_size
