@@ -1,3 +1,23 @@
-//! Datasets for the training binaries; nothing is downloaded.
+//! Datasets for the training binaries: real formats read from a path the user gives
+//! (CIFAR, IDX, image folders, LGG MRI), synthetic defaults, augmentation and batching.
+//! Nothing is downloaded.
 
+pub mod augment;
+pub mod batcher;
+pub mod cifar;
+pub mod error;
+pub mod idx;
+pub mod image_folder;
+pub mod lgg;
+pub mod sample;
 pub mod synthetic;
+
+pub use augment::{Augmented, Normalization, RandomCropFlip};
+pub use batcher::{loader, Batch, EpochOrder, SampleBatcher, SampleRef};
+pub use cifar::{CifarDataset, CifarVariant, Split};
+pub use error::DatasetError;
+pub use idx::MnistDataset;
+pub use image_folder::{FolderTransform, ImageFolder};
+pub use lgg::{LggConfig, LggDataset};
+pub use sample::{sample_rng, Sample, SampleSource, Target};
+pub use synthetic::{SyntheticClassification, SyntheticShapes};

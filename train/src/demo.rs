@@ -1,196 +1,136 @@
-//! The default job: SGD, SNGD, K-FAC and HyLo train the same small CNN on the synthetic set.
+//! The demo: a small CNN on the synthetic set with SGD, K-FAC and HyLo for the same time budget,
+//! a table of the results and a plot of the curves. Needs no files.
 
-use std::time::Instant;
+use std::path::PathBuf;
 
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{Optimizer, SgdConfig};
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
-use hylo_datasets::synthetic::SyntheticClassification;
-use hylo_models::{SmallCnn, SmallCnnConfig};
-use hylo_optim::{
-    CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, NaturalGradient,
-    SngdConfig, SwitchPolicy,
-};
+use clap::Args;
+
+use crate::app::{run_training, TrainCommand};
+use crate::cli::{DatasetName, OptimName, TrainArgs};
 
 /// Settings of the demo.
-#[derive(Clone, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Optimizer steps per method.
-    pub steps: usize,
-    /// Samples per batch.
-    pub batch_size: usize,
-    /// Training samples.
-    pub train_samples: usize,
+    /// cpu, wgpu, cuda or cuda:N (GPU backends need the matching Cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seconds of training per optimizer.
+    #[arg(long, default_value_t = 20.0)]
+    pub budget: f64,
+    /// Validation accuracy whose first crossing is timed.
+    #[arg(long, default_value_t = 0.97)]
+    pub target: f64,
+    /// Training samples of the synthetic set.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(64..))]
+    pub train_samples: u64,
+    /// Output directory (one run per optimizer and demo.png).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
     /// Seed of data and weights.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-/// One row of the result table.
+impl Default for DemoArgs {
+    fn default() -> Self {
+        use clap::FromArgMatches;
+        let cmd = <Self as Args>::augment_args(clap::Command::new("demo"));
+        Self::from_arg_matches(&cmd.get_matches_from(["demo"])).expect("defaults parse")
+    }
+}
+
+/// One row of the demo's table.
 #[derive(Clone, Debug)]
 pub struct DemoResult {
-    /// Optimizer name.
-    pub optimizer: String,
-    /// Mean training loss over the last epoch-sized window.
-    pub final_loss: f64,
-    /// Accuracy on the held-out set.
-    pub val_accuracy: f64,
-    /// Mean wall time per step, milliseconds.
+    /// Optimizer.
+    pub optimizer: OptimName,
+    /// Validation accuracy at the end of the budget.
+    pub final_accuracy: f64,
+    /// Seconds until the validation accuracy first reached the target (checked every epoch).
+    pub time_to_target: Option<f64>,
+    /// Milliseconds per optimizer step (including validation passes).
     pub ms_per_step: f64,
-    /// Steps until the running training accuracy first reached 90%.
-    pub steps_to_90: Option<usize>,
+    /// Steps taken.
+    pub steps: u64,
 }
 
-enum AnyOptim<B: AutodiffBackend> {
-    Sgd(burn::optim::adaptor::OptimizerAdaptor<burn::optim::Sgd<B::InnerBackend>, SmallCnn<B>, B>),
-    Natural(Box<NaturalGradient<B>>),
+/// The demo's training arguments for one optimizer.
+pub fn demo_train_args(demo: &DemoArgs, optim: OptimName) -> TrainArgs {
+    use clap::FromArgMatches;
+    let cmd = <TrainArgs as Args>::augment_args(clap::Command::new("demo"));
+    let mut args =
+        TrainArgs::from_arg_matches(&cmd.get_matches_from(["demo"])).expect("defaults parse");
+    args.model = "small-cnn".into();
+    args.dataset = DatasetName::Synthetic;
+    args.optim = optim;
+    args.epochs = 10_000;
+    args.time_budget = Some(demo.budget);
+    args.batch_size = 64;
+    args.train_samples = demo.train_samples;
+    args.val_samples = 512;
+    args.lr = if optim == OptimName::Sgd { 0.05 } else { 0.1 };
+    args.weight_decay = 1e-4;
+    args.damping = 0.3;
+    args.freq = 5;
+    args.device = demo.device.clone();
+    args.seed = demo.seed;
+    args.out = demo.out.join(format!("{optim:?}").to_lowercase());
+    args
 }
 
-/// Trains with every method and returns the table rows.
-pub fn run<B: AutodiffBackend>(
-    args: &DemoArgs,
-    device: &B::Device,
-) -> Result<Vec<DemoResult>, String> {
-    let train = SyntheticClassification::generate(args.train_samples, 12, 0.8, args.seed);
-    let val = SyntheticClassification::generate(512, 12, 0.8, args.seed + 1);
-    let curvature = |freq: usize, damping: f64| {
-        CurvatureConfig::new()
-            .with_freq(freq)
-            .with_weight_decay(1e-4)
-            .with_damping(DampingConfig::new().with_initial(damping))
-    };
-    let err = |e: hylo_optim::error::ConfigError| e.to_string();
+/// Runs the three optimizers and returns the table rows (and writes `demo.png`).
+pub fn run(demo: &DemoArgs) -> Result<Vec<DemoResult>, String> {
     let mut results = Vec::new();
-    for name in ["sgd", "sngd", "kfac", "hylo"] {
-        let capture = CaptureHandle::new();
-        B::seed(device, args.seed);
-        let model =
-            SmallCnnConfig::new(12, SyntheticClassification::CLASSES).init::<B>(&capture, device);
-        let (optim, lr) = match name {
-            "sgd" => (
-                AnyOptim::Sgd(
-                    SgdConfig::new()
-                        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
-                        .init(),
-                ),
-                0.05,
-            ),
-            "sngd" => (
-                AnyOptim::Natural(Box::new(
-                    SngdConfig::new()
-                        .with_curvature(curvature(5, 0.3))
-                        .init(&capture)
-                        .map_err(err)?,
-                )),
-                0.1,
-            ),
-            "kfac" => (
-                AnyOptim::Natural(Box::new(
-                    KfacConfig::new()
-                        .with_curvature(curvature(5, 0.3))
-                        .with_inverse_every(5)
-                        .init(&capture)
-                        .map_err(err)?,
-                )),
-                0.1,
-            ),
-            _ => (
-                AnyOptim::Natural(Box::new(
-                    HyloConfig::new()
-                        .with_curvature(curvature(5, 0.3))
-                        .with_switch(SwitchPolicy::Auto { threshold: 0.2 })
-                        .init(&capture)
-                        .map_err(err)?,
-                )),
-                0.1,
-            ),
-        };
-        results.push(train_one(
-            name, model, optim, lr, &capture, &train, &val, args, device,
-        ));
+    let mut dirs = Vec::new();
+    for optim in [OptimName::Sgd, OptimName::Kfac, OptimName::Hylo] {
+        let args = demo_train_args(demo, optim);
+        dirs.push(args.out.clone());
+        let outcome = run_training("classify", TrainCommand { args, resume: None })?;
+        let time_to_target = outcome
+            .rows
+            .iter()
+            .find(|r| r.val_score >= demo.target)
+            .map(|r| r.wall_s);
+        results.push(DemoResult {
+            optimizer: optim,
+            final_accuracy: outcome.final_val.1,
+            time_to_target,
+            ms_per_step: outcome.state.wall_s * 1e3 / outcome.state.global_step.max(1) as f64,
+            steps: outcome.state.global_step,
+        });
     }
+    crate::plot::compare(&dirs, &demo.out.join("demo.png"))?;
     Ok(results)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_one<B: AutodiffBackend>(
-    name: &str,
-    mut model: SmallCnn<B>,
-    mut optim: AnyOptim<B>,
-    lr: f64,
-    capture: &CaptureHandle,
-    train: &SyntheticClassification,
-    val: &SyntheticClassification,
-    args: &DemoArgs,
-    device: &B::Device,
-) -> DemoResult {
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let batches = (train.len() / args.batch_size).max(1);
-    let mut recent = Vec::new();
-    let mut correct_window = Vec::new();
-    let mut steps_to_90 = None;
-    let start = Instant::now();
-    for step in 0..args.steps {
-        let b = step % batches;
-        let (x, y) = train.batch::<B>(b * args.batch_size, (b + 1) * args.batch_size, device);
-        let logits = model.forward(x);
-        let correct: i64 = logits
-            .clone()
-            .argmax(1)
-            .flatten::<1>(0, 1)
-            .equal(y.clone())
-            .int()
-            .sum()
-            .into_scalar()
-            .elem();
-        let loss = loss_fn.forward(logits, y);
-        let loss_value: f64 = loss.clone().into_scalar().elem();
-        let grads = capture.gradients(loss.backward(), &model);
-        model = match &mut optim {
-            AnyOptim::Sgd(o) => o.step(lr, model, grads),
-            AnyOptim::Natural(o) => o.step(lr, model, grads),
-        };
-        recent.push(loss_value);
-        correct_window.push(correct as f64 / args.batch_size as f64);
-        let window = &correct_window[correct_window.len().saturating_sub(batches.min(10))..];
-        if steps_to_90.is_none()
-            && window.len() >= batches.min(10)
-            && window.iter().sum::<f64>() / window.len() as f64 >= 0.9
-        {
-            steps_to_90 = Some(step + 1);
-        }
-        if let AnyOptim::Natural(o) = &optim {
-            let r = o.last_report();
-            tracing::debug!(name, step, loss = loss_value, mode = ?r.mode, damping = r.damping, "step");
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let tail = &recent[recent.len().saturating_sub(batches)..];
-    let (x, y) = val.batch::<B>(0, val.len(), device);
-    let pred = model.forward(x).argmax(1).flatten::<1>(0, 1);
-    let correct: i64 = pred.equal(y).int().sum().into_scalar().elem();
-    DemoResult {
-        optimizer: name.to_string(),
-        final_loss: tail.iter().sum::<f64>() / tail.len() as f64,
-        val_accuracy: correct as f64 / val.len() as f64,
-        ms_per_step: elapsed * 1e3 / args.steps as f64,
-        steps_to_90,
-    }
-}
-
 /// The results as a markdown table.
-pub fn table(results: &[DemoResult]) -> String {
-    let mut out = String::from("| optimizer | final train loss | val accuracy | steps to 90% train acc | ms/step |\n|---|---|---|---|---|\n");
+pub fn table(results: &[DemoResult], target: f64) -> String {
+    let mut out = format!(
+        "| optimizer | final val accuracy | time to {:.0}% val accuracy | ms/step | steps |\n|---|---|---|---|---|\n",
+        target * 100.0
+    );
     for r in results {
         out.push_str(&format!(
-            "| {} | {:.4} | {:.1}% | {} | {:.1} |\n",
-            r.optimizer,
-            r.final_loss,
-            100.0 * r.val_accuracy,
-            r.steps_to_90.map_or("-".to_string(), |s| s.to_string()),
-            r.ms_per_step
+            "| {} | {:.1}% | {} | {:.1} | {} |\n",
+            format!("{:?}", r.optimizer).to_lowercase(),
+            100.0 * r.final_accuracy,
+            r.time_to_target
+                .map_or("not reached".to_string(), |t| format!("{t:.1} s")),
+            r.ms_per_step,
+            r.steps
         ));
     }
     out
+}
+
+/// The `demo` command: runs, prints the table, names the plot.
+pub fn run_cli(demo: &DemoArgs) -> Result<(), String> {
+    println!(
+        "demo: small CNN on the synthetic set, {:.0} s per optimizer (SGD, K-FAC, HyLo) on {}",
+        demo.budget, demo.device
+    );
+    let results = run(demo)?;
+    print!("{}", table(&results, demo.target));
+    println!("curves: {}", demo.out.join("demo.png").display());
+    Ok(())
 }

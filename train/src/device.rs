@@ -50,6 +50,38 @@ pub fn not_compiled(device: DeviceArg, feature: &str) -> String {
     )
 }
 
+/// Runs `$body` with `$B` bound to the autodiff backend of `$device` and `$dev` to its device;
+/// a backend not compiled in is an error naming the feature.
+#[macro_export]
+macro_rules! with_backend {
+    ($device:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        use $crate::device::DeviceArg;
+        match $device {
+            DeviceArg::Cpu => {
+                type $B = burn::backend::Autodiff<burn::backend::Flex>;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            DeviceArg::Wgpu => {
+                type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            DeviceArg::Cuda(index) => {
+                type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                let $dev = burn::backend::cuda::CudaDevice::new(index);
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            d @ DeviceArg::Wgpu => Err($crate::device::not_compiled(d, "wgpu")),
+            #[allow(unreachable_patterns)]
+            d @ DeviceArg::Cuda(_) => Err($crate::device::not_compiled(d, "cuda")),
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

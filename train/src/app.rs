@@ -1,0 +1,212 @@
+//! The commands of `hylo-train`: classify, segment, info, compare (and the demo in `demo.rs`).
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, Parser, Subcommand};
+use hylo_models::{
+    build_segmenter, preconditioned_layers, trainable_params, Classifier, ClassifierSpec, ModelName,
+};
+use hylo_optim::CaptureHandle;
+
+use crate::cli::TrainArgs;
+use crate::demo::DemoArgs;
+use crate::trainer::{train, Outcome};
+use crate::{data, output, with_backend};
+
+/// Command line of `hylo-train`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "hylo-train",
+    about = "Natural-gradient training with HyLo, SNGD and K-FAC",
+    version
+)]
+pub struct Cli {
+    /// The command; none runs the demo.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a small CNN on the synthetic set with SGD, K-FAC and HyLo for the same time budget.
+    Demo(DemoArgs),
+    /// Train a classifier.
+    Classify(TrainCommand),
+    /// Train a segmentation model (Dice loss, Dice metric).
+    Segment(TrainCommand),
+    /// Print a model's parameter count and preconditioned layers.
+    Info(InfoArgs),
+    /// Plot several runs' curves against wall time and epochs.
+    Compare(CompareArgs),
+}
+
+/// `classify` / `segment`.
+#[derive(Args, Debug)]
+pub struct TrainCommand {
+    /// Training settings.
+    #[command(flatten)]
+    pub args: TrainArgs,
+    /// Continue the run in DIR from its checkpoint (its config.json is used; --max-steps and
+    /// --time-budget given here apply).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// `info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Classes of the classifier.
+    #[arg(long, default_value_t = 1000)]
+    pub classes: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    /// Input side (small-cnn, mlp and 3c1f depend on it).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// CIFAR ResNets: biased convolutions.
+    #[arg(long)]
+    pub conv_bias: bool,
+    /// U-Net: channels at the first level.
+    #[arg(long, default_value_t = 32)]
+    pub init_features: usize,
+}
+
+/// `compare`.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Run directories (each with a metrics.csv).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Output PNG.
+    #[arg(long, default_value = "compare.png")]
+    pub out: PathBuf,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        None => crate::demo::run_cli(&DemoArgs::default()),
+        Some(Command::Demo(d)) => crate::demo::run_cli(&d),
+        Some(Command::Classify(c)) => run_training("classify", c).map(|_| ()),
+        Some(Command::Segment(c)) => run_training("segment", c).map(|_| ()),
+        Some(Command::Info(i)) => {
+            print!("{}", info(&i)?);
+            Ok(())
+        }
+        Some(Command::Compare(c)) => {
+            crate::plot::compare(&c.runs, &c.out)?;
+            println!("wrote {}", c.out.display());
+            Ok(())
+        }
+    }
+}
+
+/// Trains (or resumes) as `classify`/`segment` and prints a summary.
+pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String> {
+    let (args, resume) = match &cmd.resume {
+        Some(dir) => {
+            let (saved_command, mut args) = output::read_config(dir)?;
+            if saved_command != command {
+                return Err(format!(
+                    "{}: the run was a `{saved_command}` run, not `{command}`",
+                    dir.display()
+                ));
+            }
+            args.out = dir.clone();
+            args.max_steps = cmd.args.max_steps;
+            args.time_budget = cmd.args.time_budget;
+            (args, true)
+        }
+        None => (cmd.args, false),
+    };
+    args.validate()?;
+    let model: ModelName = args.model.parse()?;
+    if (command == "segment") != model.is_segmenter() {
+        return Err(format!("`{command}` cannot train --model {model}: use classify for classifiers and segment for unet"));
+    }
+    let outcome = with_backend!(args.device()?, |B, device| train_on::<B>(
+        &args, command, model, resume, &device
+    ))?;
+    println!(
+        "{:?} after {} epochs, {} steps, {:.1}s: val loss {:.4}, val {} {:.4}; outputs in {}",
+        outcome.stop,
+        outcome.state.epoch,
+        outcome.state.global_step,
+        outcome.state.wall_s,
+        outcome.final_val.0,
+        if model.is_segmenter() { "dice" } else { "acc" },
+        outcome.final_val.1,
+        args.out.display()
+    );
+    Ok(outcome)
+}
+
+fn train_on<B: AutodiffBackend>(
+    args: &TrainArgs,
+    command: &str,
+    model: ModelName,
+    resume: bool,
+    device: &B::Device,
+) -> Result<Outcome, String> {
+    let data = data::load(args)?;
+    let capture = CaptureHandle::new();
+    B::seed(device, args.seed);
+    let [channels, height, width] = data.shape();
+    if model.is_segmenter() {
+        if height % 16 != 0 || width % 16 != 0 {
+            return Err(format!(
+                "unet needs image sides divisible by 16, the data gives {height}x{width}"
+            ));
+        }
+        let unet = build_segmenter::<B>(
+            model,
+            channels,
+            args.init_features as usize,
+            &capture,
+            device,
+        )?;
+        train(args, command, &data, unet, &capture, device, resume)
+    } else {
+        let mut spec = ClassifierSpec::new(channels, height, data.classes());
+        spec.conv_bias = args.conv_bias;
+        let classifier = Classifier::<B>::build(model, &spec, &capture, device)?;
+        train(args, command, &data, classifier, &capture, device, resume)
+    }
+}
+
+/// The `info` report: parameter count and the preconditioned layers with their shapes.
+pub fn info(args: &InfoArgs) -> Result<String, String> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let capture = CaptureHandle::new();
+    let model: ModelName = args.model.parse()?;
+    let (params, layers) = if model.is_segmenter() {
+        let m = build_segmenter::<B>(model, args.channels, args.init_features, &capture, &device)?;
+        (
+            trainable_params::<B, _>(&m),
+            preconditioned_layers::<B, _>(&m),
+        )
+    } else {
+        let mut spec = ClassifierSpec::new(args.channels, args.image_size, args.classes);
+        spec.conv_bias = args.conv_bias;
+        let m = Classifier::<B>::build(model, &spec, &capture, &device)?;
+        (
+            trainable_params::<B, _>(&m),
+            preconditioned_layers::<B, _>(&m),
+        )
+    };
+    let mut out = format!(
+        "{model}: {params} parameters, {} preconditioned layers\n",
+        layers.len()
+    );
+    for layer in &layers {
+        out.push_str(&format!("  {layer}\n"));
+    }
+    Ok(out)
+}

@@ -1,0 +1,306 @@
+//! The training arguments shared by `classify` and `segment`, saved as `config.json`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use hylo_optim::{ConvMode, SwitchPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceArg;
+
+/// Optimizers the binary trains with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimName {
+    /// SGD with momentum (Burn's).
+    Sgd,
+    /// Adam (Burn's).
+    Adam,
+    /// K-FAC (KAISA-style eigen form).
+    Kfac,
+    /// Exact damped natural gradient through Sherman-Morrison-Woodbury.
+    Sngd,
+    /// HyLo: KID/KIS low-rank natural gradient with switching.
+    Hylo,
+}
+
+/// Datasets the binary reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetName {
+    /// Synthetic classification (no files).
+    Synthetic,
+    /// CIFAR-10 binary files from --data-dir.
+    Cifar10,
+    /// CIFAR-100 binary files from --data-dir.
+    Cifar100,
+    /// MNIST IDX files from --data-dir.
+    Mnist,
+    /// Fashion-MNIST IDX files from --data-dir.
+    FashionMnist,
+    /// ImageNet-layout image folders (train/, val/) from --data-dir.
+    Imagenet,
+    /// Synthetic segmentation of random shapes (no files).
+    Shapes,
+    /// LGG brain-MRI segmentation (kaggle_3m) from --data-dir.
+    Lgg,
+}
+
+impl DatasetName {
+    /// The name as typed on the command line.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Whether the dataset has masks rather than labels.
+    pub fn is_segmentation(self) -> bool {
+        matches!(self, Self::Shapes | Self::Lgg)
+    }
+
+    /// Whether the dataset is read from `--data-dir`.
+    pub fn needs_files(self) -> bool {
+        !matches!(self, Self::Synthetic | Self::Shapes)
+    }
+}
+
+/// Everything a training run needs; `config.json` holds it so the run can be repeated.
+#[derive(Args, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// Model name (small-cnn, resnet20..110, resnet18..152, 3c1f, mlp, unet).
+    #[arg(long, default_value = "small-cnn")]
+    pub model: String,
+    /// Dataset.
+    #[arg(long, value_enum, default_value = "synthetic")]
+    pub dataset: DatasetName,
+    /// Directory of a real dataset.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "hylo")]
+    pub optim: OptimName,
+    /// Epochs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: u64,
+    /// Samples per batch (global batch in distributed runs).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// Momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Epochs of linear learning-rate warmup.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: u64,
+    /// Epochs at which the learning rate is multiplied by --lr-decay (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Vec<u64>,
+    /// Learning-rate factor at each milestone.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr_decay: f64,
+    /// Initial damping.
+    #[arg(long, default_value_t = 0.3)]
+    pub damping: f64,
+    /// Damping reached after --damping-decay refreshes (none: constant).
+    #[arg(long)]
+    pub target_damping: Option<f64>,
+    /// Refreshes over which the damping decays to --target-damping.
+    #[arg(long, default_value_t = 0)]
+    pub damping_decay: u64,
+    /// Curvature refresh period in steps.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub freq: u64,
+    /// HyLo compression ratio (rows kept per layer = ceil(rho n)).
+    #[arg(long, default_value_t = 0.1)]
+    pub rho: f64,
+    /// HyLo switching: auto, auto:THRESHOLD, kid, kis, or epochs:A,B,C.
+    #[arg(long, default_value = "auto")]
+    pub switch: String,
+    /// Convolution curvature: spatial-mean (HyLo's) or exact.
+    #[arg(long, default_value = "spatial-mean")]
+    pub conv_mode: String,
+    /// K-FAC eigendecomposition period (a multiple of --freq; default: --freq).
+    #[arg(long)]
+    pub inverse_every: Option<u64>,
+    /// cpu, wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed of weights, data order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (config.json, metrics.csv, train.log, curves.png, checkpoint/).
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Stop after this many optimizer steps (a checkpoint is saved; --resume continues).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Stop after this many seconds of training (a checkpoint is saved).
+    #[arg(long)]
+    pub time_budget: Option<f64>,
+    /// Synthetic sets: training samples.
+    #[arg(long, default_value_t = 4096)]
+    pub train_samples: u64,
+    /// Synthetic sets: validation samples.
+    #[arg(long, default_value_t = 1024)]
+    pub val_samples: u64,
+    /// Image side for synthetic, shapes, ImageNet (crop) and LGG (resize); default per dataset.
+    #[arg(long)]
+    pub image_size: Option<u64>,
+    /// Channels of the synthetic classification images.
+    #[arg(long, default_value_t = 1)]
+    pub channels: u64,
+    /// U-Net channels at the first level.
+    #[arg(long, default_value_t = 32)]
+    pub init_features: u64,
+    /// Give the CIFAR ResNets' convolutions a bias (as the HyLo code does).
+    #[arg(long)]
+    pub conv_bias: bool,
+    /// LGG: fraction of patients held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+}
+
+impl TrainArgs {
+    /// Parsed device.
+    pub fn device(&self) -> Result<DeviceArg, String> {
+        self.device.parse()
+    }
+
+    /// The HyLo switching policy, with epochs converted to steps.
+    pub fn switch_policy(&self, steps_per_epoch: usize) -> Result<SwitchPolicy, String> {
+        parse_switch(&self.switch, steps_per_epoch)
+    }
+
+    /// The convolution curvature mode.
+    pub fn conv_mode(&self) -> Result<ConvMode, String> {
+        match self.conv_mode.as_str() {
+            "spatial-mean" => Ok(ConvMode::SpatialMean),
+            "exact" => Ok(ConvMode::Exact),
+            other => Err(format!(
+                "--conv-mode: expected spatial-mean or exact, got `{other}`"
+            )),
+        }
+    }
+
+    /// Checks what clap cannot: names, ranges and combinations; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        self.device()?;
+        self.conv_mode()?;
+        parse_switch(&self.switch, 1)?;
+        let model: hylo_models::ModelName =
+            self.model.parse().map_err(|e| format!("--model: {e}"))?;
+        if model.is_segmenter() != self.dataset.is_segmentation() {
+            return Err(format!(
+                "--model {} does not fit --dataset {}: segmentation datasets (shapes, lgg) need \
+                 unet, classification datasets need a classifier",
+                self.model,
+                self.dataset.name()
+            ));
+        }
+        if self.dataset.needs_files() && self.data_dir.is_none() {
+            return Err(format!(
+                "--dataset {} is read from files: give --data-dir DIR",
+                self.dataset.name()
+            ));
+        }
+        for (flag, v) in [("--lr", self.lr), ("--damping", self.damping)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{flag}: expected a positive number, got {v}"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!(
+                "--momentum: expected a value in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(format!(
+                "--weight-decay: expected >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(self.rho > 0.0 && self.rho <= 1.0) {
+            return Err(format!(
+                "--rho: expected a value in (0, 1], got {}",
+                self.rho
+            ));
+        }
+        if let Some(t) = self.target_damping {
+            if !(t.is_finite() && t > 0.0) || self.damping_decay == 0 {
+                return Err(format!(
+                    "--target-damping {t} needs a positive value and --damping-decay > 0 refreshes"
+                ));
+            }
+        }
+        if let Some(k) = self.inverse_every {
+            if k == 0 || k % self.freq != 0 {
+                return Err(format!(
+                    "--inverse-every {k} must be a positive multiple of --freq {}",
+                    self.freq
+                ));
+            }
+        }
+        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "--milestones must increase, got {:?}",
+                self.milestones
+            ));
+        }
+        if let Some(t) = self.time_budget {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("--time-budget: expected positive seconds, got {t}"));
+            }
+        }
+        if self.train_samples < self.batch_size && !self.dataset.needs_files() {
+            return Err(format!(
+                "--batch-size {} is larger than --train-samples {}",
+                self.batch_size, self.train_samples
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `auto`, `auto:T`, `kid`, `kis` or `epochs:A,B,C`.
+pub fn parse_switch(s: &str, steps_per_epoch: usize) -> Result<SwitchPolicy, String> {
+    let bad =
+        || format!("--switch: expected auto, auto:THRESHOLD, kid, kis or epochs:A,B,C, got `{s}`");
+    Ok(match s {
+        "auto" => SwitchPolicy::Auto { threshold: 0.2 },
+        "kid" => SwitchPolicy::Kid,
+        "kis" => SwitchPolicy::Kis,
+        _ => {
+            if let Some(t) = s.strip_prefix("auto:") {
+                let threshold: f64 = t.parse().map_err(|_| bad())?;
+                if !(threshold.is_finite() && threshold >= 0.0) {
+                    return Err(bad());
+                }
+                SwitchPolicy::Auto { threshold }
+            } else if let Some(list) = s.strip_prefix("epochs:") {
+                let v: Vec<usize> = list
+                    .split(',')
+                    .map(|x| x.trim().parse().map_err(|_| bad()))
+                    .collect::<Result<_, _>>()?;
+                let [a, b, c] = v[..] else { return Err(bad()) };
+                if !(a <= b && b <= c) {
+                    return Err(format!("--switch epochs:{a},{b},{c}: expected A <= B <= C"));
+                }
+                SwitchPolicy::Epochs {
+                    a,
+                    b,
+                    c,
+                    steps_per_epoch: steps_per_epoch.max(1),
+                }
+            } else {
+                return Err(bad());
+            }
+        }
+    })
+}

@@ -1,0 +1,13 @@
+//! The `hylo-train` binary's library: arguments, data, optimizers, the training loop, outputs
+//! and plots.
+
+pub mod app;
+pub mod cli;
+pub mod data;
+pub mod demo;
+pub mod device;
+pub mod optimizers;
+pub mod output;
+pub mod plot;
+pub mod task;
+pub mod trainer;

@@ -1,0 +1,158 @@
+//! One type for every optimizer the binary trains with: Burn's SGD and Adam, and ours.
+
+use std::path::Path;
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use hylo_optim::{
+    CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, NaturalGradient,
+    SngdConfig,
+};
+
+use crate::cli::{OptimName, TrainArgs};
+
+/// The recorder of checkpoints: full precision, so a resumed run continues bit for bit.
+pub type CheckpointRecorder = BinFileRecorder<FullPrecisionSettings>;
+
+/// Any optimizer of the binary, for a model `M`.
+pub enum AnyOptimizer<M: AutodiffModule<B>, B: AutodiffBackend> {
+    /// SGD with momentum (dampening 0) and L2 weight decay.
+    Sgd(OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>),
+    /// Adam with L2 weight decay.
+    Adam(OptimizerAdaptor<Adam, M, B>),
+    /// SNGD, K-FAC or HyLo.
+    Natural(Box<NaturalGradient<B>>),
+}
+
+impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
+    /// Builds the optimizer of `args`; the natural-gradient ones read curvature from `capture`.
+    pub fn build(
+        args: &TrainArgs,
+        steps_per_epoch: usize,
+        capture: &CaptureHandle,
+    ) -> Result<Self, String> {
+        let decay =
+            (args.weight_decay > 0.0).then(|| WeightDecayConfig::new(args.weight_decay as f32));
+        let damping = DampingConfig {
+            initial: args.damping,
+            target: args.target_damping,
+            decay_refreshes: args.damping_decay as usize,
+            warmup_refreshes: 0,
+        };
+        let curvature = CurvatureConfig::new()
+            .with_momentum(args.momentum)
+            .with_weight_decay(args.weight_decay)
+            .with_freq(args.freq as usize)
+            .with_damping(damping)
+            .with_conv_mode(args.conv_mode()?);
+        let err = |e: hylo_optim::error::ConfigError| e.to_string();
+        Ok(match args.optim {
+            OptimName::Sgd => Self::Sgd(
+                SgdConfig::new()
+                    .with_momentum((args.momentum > 0.0).then(|| {
+                        MomentumConfig::new()
+                            .with_momentum(args.momentum)
+                            .with_dampening(0.0)
+                    }))
+                    .with_weight_decay(decay)
+                    .init(),
+            ),
+            OptimName::Adam => Self::Adam(AdamConfig::new().with_weight_decay(decay).init()),
+            OptimName::Sngd => Self::Natural(Box::new(
+                SngdConfig::new()
+                    .with_curvature(curvature)
+                    .init(capture)
+                    .map_err(err)?,
+            )),
+            OptimName::Kfac => Self::Natural(Box::new(
+                KfacConfig::new()
+                    .with_inverse_every(args.inverse_every.unwrap_or(args.freq) as usize)
+                    .with_curvature(curvature)
+                    .init(capture)
+                    .map_err(err)?,
+            )),
+            OptimName::Hylo => Self::Natural(Box::new(
+                HyloConfig::new()
+                    .with_rho(args.rho)
+                    .with_switch(args.switch_policy(steps_per_epoch)?)
+                    .with_seed(args.seed)
+                    .with_curvature(curvature)
+                    .init(capture)
+                    .map_err(err)?,
+            )),
+        })
+    }
+
+    /// One update of `model` with learning rate `lr`.
+    pub fn step(&mut self, lr: f64, model: M, grads: GradientsParams) -> M {
+        match self {
+            Self::Sgd(o) => o.step(lr, model, grads),
+            Self::Adam(o) => o.step(lr, model, grads),
+            Self::Natural(o) => o.step(lr, model, grads),
+        }
+    }
+
+    /// Current damping (natural-gradient optimizers).
+    pub fn damping(&self) -> Option<f64> {
+        match self {
+            Self::Natural(o) => Some(o.damping()),
+            _ => None,
+        }
+    }
+
+    /// HyLo's current mode (`kid`/`kis`); `None` for the other optimizers.
+    pub fn mode(&self) -> Option<String> {
+        match self {
+            Self::Natural(o) => o.mode().map(|m| m.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Whether the last step was skipped (non-finite gradient or curvature).
+    pub fn last_step_skipped(&self) -> bool {
+        match self {
+            Self::Natural(o) => o.last_report().skipped,
+            _ => false,
+        }
+    }
+
+    /// Saves the optimizer state to `path` (without extension).
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        let recorder = CheckpointRecorder::new();
+        let path = path.to_path_buf();
+        let result = match self {
+            Self::Sgd(o) => recorder.record(o.to_record(), path.clone()),
+            Self::Adam(o) => recorder.record(o.to_record(), path.clone()),
+            Self::Natural(o) => {
+                recorder.record(Optimizer::<M, B>::to_record(o.as_ref()), path.clone())
+            }
+        };
+        result.map_err(|e| format!("{}: cannot save the optimizer state: {e}", path.display()))
+    }
+
+    /// Loads the optimizer state saved by [`AnyOptimizer::save`].
+    pub fn load(self, path: &Path, device: &B::Device) -> Result<Self, String> {
+        let recorder = CheckpointRecorder::new();
+        let path = path.to_path_buf();
+        let fail = |e: burn::record::RecorderError| {
+            format!("{}: cannot load the optimizer state: {e}", path.display())
+        };
+        Ok(match self {
+            Self::Sgd(o) => {
+                Self::Sgd(o.load_record(recorder.load(path.clone(), device).map_err(fail)?))
+            }
+            Self::Adam(o) => {
+                Self::Adam(o.load_record(recorder.load(path.clone(), device).map_err(fail)?))
+            }
+            Self::Natural(o) => Self::Natural(Box::new(Optimizer::<M, B>::load_record(
+                *o,
+                recorder.load(path.clone(), device).map_err(fail)?,
+            ))),
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! The binary's commands end to end on the CPU: parsing, outputs, resume, compare, info, demo.
+
+use std::path::Path;
+
+use clap::Parser;
+use hylo_train::app::{info, run_training, Cli, Command, InfoArgs, TrainCommand};
+use hylo_train::demo::{run as run_demo, table, DemoArgs};
+use hylo_train::output::read_metrics;
+use hylo_train::trainer::Stop;
+
+fn parse(line: &str) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(line.split_whitespace())
+}
+
+fn train_command(line: &str) -> TrainCommand {
+    match parse(line).unwrap().command {
+        Some(Command::Classify(c)) | Some(Command::Segment(c)) => c,
+        other => panic!("not a training command: {other:?}"),
+    }
+}
+
+fn tiny(optim: &str, out: &Path, extra: &str) -> TrainCommand {
+    let epochs = if extra.contains("--epochs") {
+        ""
+    } else {
+        "--epochs 2"
+    };
+    train_command(&format!(
+        "hylo-train classify --optim {optim} {epochs} --train-samples 256 --val-samples 64 \
+         --batch-size 32 --freq 3 --out {} {extra}",
+        out.display()
+    ))
+}
+
+#[test]
+fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
+    let c = train_command(
+        "hylo-train classify --model resnet32 --dataset cifar10 --data-dir /data --optim hylo \
+         --epochs 100 --batch-size 128 --lr 1.8 --momentum 0.9 --weight-decay 4.5e-4 \
+         --warmup-epochs 5 --milestones 35,75,90 --lr-decay 0.3 --damping 1.5 \
+         --target-damping 0.1 --damping-decay 90 --freq 13 --rho 0.1 --switch epochs:10,35,40 \
+         --device cpu --seed 0 --out runs/r32-hylo",
+    );
+    assert_eq!(c.args.milestones, vec![35, 75, 90]);
+    c.args.validate().unwrap();
+    assert!(matches!(
+        c.args.switch_policy(390).unwrap(),
+        hylo_optim::SwitchPolicy::Epochs {
+            a: 10,
+            b: 35,
+            c: 40,
+            steps_per_epoch: 390
+        }
+    ));
+    let seg =
+        train_command("hylo-train segment --model unet --dataset lgg --data-dir /d --optim hylo");
+    seg.args.validate().unwrap();
+    assert!(parse("hylo-train info --model resnet50").is_ok());
+    assert!(parse("hylo-train compare runs/a runs/b --out cmp.png").is_ok());
+
+    for bad in [
+        "--epochs 0",
+        "--optim lbfgs",
+        "--dataset imagenet21k",
+        "--batch-size 0",
+    ] {
+        assert!(
+            parse(&format!("hylo-train classify {bad}")).is_err(),
+            "{bad}"
+        );
+    }
+    for (bad, needle) in [
+        ("--switch epochs:1,2", "--switch"),
+        ("--switch epochs:5,2,9", "A <= B <= C"),
+        ("--model resnet33", "resnet33"),
+        ("--dataset cifar10", "--data-dir"),
+        ("--freq 2 --inverse-every 3", "--inverse-every"),
+        ("--model unet", "does not fit"),
+        ("--device tpu", "tpu"),
+        ("--rho 1.5", "--rho"),
+        ("--lr=-1", "--lr"),
+        ("--milestones 5,3", "--milestones"),
+        ("--conv-mode fancy", "--conv-mode"),
+        ("--target-damping 0.1", "--damping-decay"),
+    ] {
+        let err = train_command(&format!("hylo-train classify {bad}"))
+            .args
+            .validate()
+            .unwrap_err();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn a_short_run_writes_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let outcome = run_training("classify", tiny("hylo", &out, "")).unwrap();
+    assert_eq!(
+        (outcome.stop, outcome.state.epoch, outcome.state.global_step),
+        (Stop::Finished, 2, 16)
+    );
+    for file in [
+        "config.json",
+        "metrics.csv",
+        "train.log",
+        "curves.png",
+        "checkpoint/model.bin",
+        "checkpoint/optimizer.bin",
+        "checkpoint/state.json",
+    ] {
+        assert!(out.join(file).is_file(), "missing {file}");
+    }
+    let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(header
+        .starts_with("epoch,step,wall_s,train_loss,train_acc,val_loss,val_acc,lr,damping,mode"));
+    let rows = read_metrics(&out.join("metrics.csv")).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r.train_loss.is_finite() && (r.mode == "kid" || r.mode == "kis")));
+    assert!(std::fs::read_to_string(out.join("train.log"))
+        .unwrap()
+        .contains("epoch 2 step 16"));
+    let png = std::fs::read(out.join("curves.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+}
+
+#[test]
+fn resume_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_training(
+        "classify",
+        train_command(&format!(
+            "hylo-train classify --resume {}",
+            dir.path().display()
+        )),
+    )
+    .unwrap_err();
+    assert!(err.contains("config.json"), "{err}");
+    let out = dir.path().join("r");
+    run_training("classify", tiny("sgd", &out, "--epochs 1")).unwrap();
+    let err = run_training(
+        "segment",
+        train_command(&format!("hylo-train segment --resume {}", out.display())),
+    )
+    .unwrap_err();
+    assert!(err.contains("classify"), "{err}");
+}
+
+#[test]
+fn segmentation_runs_with_dice_and_compare_draws_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = dir.path().join("seg");
+    let c = train_command(&format!(
+        "hylo-train segment --model unet --dataset shapes --init-features 4 --train-samples 32 \
+         --val-samples 8 --batch-size 8 --epochs 1 --image-size 32 --optim sngd --freq 2 --out {}",
+        seg.display()
+    ));
+    run_training("segment", c).unwrap();
+    let text = std::fs::read_to_string(seg.join("metrics.csv")).unwrap();
+    assert!(text.contains("train_dice") && text.contains("val_dice"));
+    let rows = read_metrics(&seg.join("metrics.csv")).unwrap();
+    assert!((0.0..=1.0).contains(&rows[0].val_score));
+
+    let cls = dir.path().join("cls");
+    run_training("classify", tiny("adam", &cls, "--lr 0.01 --epochs 1")).unwrap();
+    let png = dir.path().join("cmp.png");
+    hylo_train::plot::compare(&[seg, cls], &png).unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let err = hylo_train::plot::compare(&[dir.path().join("missing")], &png).unwrap_err();
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn data_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("train.bin"), [1u8; 100]).unwrap();
+    let c = train_command(&format!(
+        "hylo-train classify --model resnet20 --dataset cifar100 --data-dir {} --out {}",
+        dir.path().display(),
+        dir.path().join("out").display()
+    ));
+    let err = run_training("classify", c).unwrap_err();
+    assert!(
+        err.contains("train.bin") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn info_lists_parameters_and_layers() {
+    let report = info(&InfoArgs {
+        model: "resnet50".into(),
+        classes: 1000,
+        channels: 3,
+        image_size: 224,
+        conv_bias: false,
+        init_features: 32,
+    })
+    .unwrap();
+    assert!(
+        report.starts_with("resnet50: 25557032 parameters, 54 preconditioned layers"),
+        "{report}"
+    );
+    assert_eq!(report.lines().count(), 55);
+    assert!(report.contains("Linear") && report.contains("[64, 3, 7, 7]"));
+    let unet = info(&InfoArgs {
+        model: "unet".into(),
+        classes: 1,
+        channels: 3,
+        image_size: 64,
+        conv_bias: false,
+        init_features: 32,
+    })
+    .unwrap();
+    assert!(
+        unet.starts_with("unet: 7763041 parameters, 19 preconditioned layers"),
+        "{unet}"
+    );
+}
+
+#[test]
+fn the_demo_runs_every_optimizer_and_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoArgs {
+        budget: 1.0,
+        train_samples: 256,
+        out: dir.path().to_path_buf(),
+        ..DemoArgs::default()
+    };
+    let results = run_demo(&demo).unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(results
+        .iter()
+        .all(|r| r.steps > 0 && r.final_accuracy.is_finite()));
+    let t = table(&results, 0.9);
+    assert!(
+        t.contains("| sgd |") && t.contains("| kfac |") && t.contains("| hylo |"),
+        "{t}"
+    );
+    assert!(dir.path().join("demo.png").is_file());
+}
