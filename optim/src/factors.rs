@@ -77,6 +77,9 @@ pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
 /// Linear layers (one position) and `SpatialMean` convolutions give Kronecker rows; `Exact`
 /// convolutions give the materialised per-sample gradients.
 pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) -> PerSampleRows<B> {
+    if let (ConvMode::SpatialMean, CapturedInput::Conv(x)) = (mode, &capture.input) {
+        return spatial_mean_rows(x, capture);
+    }
     let PositionRows { a, g } = position_rows(capture);
     let [n, positions, d_in] = a.dims();
     let d_out = g.dims()[2];
@@ -102,6 +105,58 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
     }
 }
 
+/// `SpatialMean` rows of a convolution without unfolding: the mean over output positions of the
+/// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid, so each of the
+/// k x k kernel offsets costs one strided slice and a sum (no `[n, C k k, L]` intermediate).
+fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) -> PerSampleRows<B> {
+    let LayerGeometry::Conv2d {
+        kernel,
+        stride,
+        dilation,
+        padding,
+        bias,
+        ..
+    } = &capture.geometry
+    else {
+        unreachable!("capture input kind always matches its geometry")
+    };
+    let [n, d_out, positions] = capture.output_grad.dims();
+    let [top, bottom, left, right] = *padding;
+    let x = if top + bottom + left + right > 0 {
+        x.clone()
+            .pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    } else {
+        x.clone()
+    };
+    let [_, channels, hp, wp] = x.dims();
+    let out_h = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+    let out_w = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+    debug_assert_eq!(out_h * out_w, positions);
+    let mut offsets = Vec::with_capacity(kernel[0] * kernel[1]);
+    for u in 0..kernel[0] {
+        for v in 0..kernel[1] {
+            let (r0, c0) = (u * dilation[0], v * dilation[1]);
+            let grid = x.clone().slice(burn::tensor::s![
+                ..,
+                ..,
+                r0..r0 + (out_h - 1) * stride[0] + 1;stride[0] as isize,
+                c0..c0 + (out_w - 1) * stride[1] + 1;stride[1] as isize
+            ]);
+            offsets.push(grid.sum_dim(3).sum_dim(2).reshape([n, channels, 1]));
+        }
+    }
+    // Columns in unfold's order: channel-major, then kernel row, then kernel column.
+    let a =
+        Tensor::cat(offsets, 2).reshape([n, channels * kernel[0] * kernel[1]]) / positions as f64;
+    let a = if *bias {
+        Tensor::cat(vec![a, Tensor::ones([n, 1], &x.device())], 1)
+    } else {
+        a
+    };
+    let g = capture.output_grad.clone().mean_dim(2).reshape([n, d_out]) * n as f64;
+    PerSampleRows::Kronecker { a, g }
+}
+
 /// K-FAC factors of one batch: `A = (1/(nL)) sum a a^T` and `G = (1/n) sum g g^T`.
 ///
 /// For convolutions the expectation over positions follows KFC: A averages over samples and
@@ -117,4 +172,86 @@ pub fn kfac_factors<B: Backend>(capture: &LayerCapture<B>) -> (Tensor<B, 2>, Ten
     let a_factor = a.clone().transpose().matmul(a) / (n * positions) as f64;
     let g_factor = g.clone().transpose().matmul(g) / n as f64;
     (a_factor, g_factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::module::ParamId;
+    use burn::tensor::Distribution;
+
+    fn rows_of(rows: PerSampleRows<Flex>) -> (Vec<f32>, Vec<f32>) {
+        match rows {
+            PerSampleRows::Kronecker { a, g } => (
+                a.into_data().to_vec().unwrap(),
+                g.into_data().to_vec().unwrap(),
+            ),
+            PerSampleRows::Dense { .. } => panic!("SpatialMean gives Kronecker rows"),
+        }
+    }
+
+    #[test]
+    fn spatial_mean_without_unfold_equals_the_mean_of_unfolded_patches() {
+        let device = Default::default();
+        for (kernel, stride, dilation, padding, bias, hw) in [
+            ([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], true, [7, 6]),
+            ([3, 2], [2, 1], [1, 2], [0, 1, 2, 0], false, [9, 8]),
+            ([1, 1], [2, 2], [1, 1], [0, 0, 0, 0], true, [5, 5]),
+            ([7, 7], [2, 2], [1, 1], [3, 3, 3, 3], false, [12, 12]),
+        ] {
+            let (n, c, d_out) = (3, 2, 4);
+            let geometry = LayerGeometry::Conv2d {
+                channels_in: c,
+                channels_out: d_out,
+                kernel,
+                stride,
+                dilation,
+                padding,
+                bias,
+            };
+            let hp = hw[0] + padding[0] + padding[1];
+            let wp = hw[1] + padding[2] + padding[3];
+            let oh = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+            let ow = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+            let normal = Distribution::Normal(0.0, 1.0);
+            let capture = LayerCapture::<Flex> {
+                weight_id: ParamId::new(),
+                bias_id: None,
+                geometry,
+                input: CapturedInput::Conv(Tensor::random([n, c, hw[0], hw[1]], normal, &device)),
+                output_grad: Tensor::random([n, d_out, oh * ow], normal, &device),
+            };
+            let PositionRows { a, g } = position_rows(&capture);
+            let d_in = a.dims()[2];
+            let expected = (
+                a.mean_dim(1)
+                    .reshape([n, d_in])
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+                g.mean_dim(1)
+                    .reshape([n, d_out])
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
+            let got = rows_of(per_sample_rows(&capture, ConvMode::SpatialMean));
+            for (x, y) in got
+                .0
+                .iter()
+                .zip(&expected.0)
+                .chain(got.1.iter().zip(&expected.1))
+            {
+                assert!(
+                    (x - y).abs() < 1e-5 * (1.0 + y.abs()),
+                    "{kernel:?} {stride:?}: {x} vs {y}"
+                );
+            }
+            assert_eq!(
+                (got.0.len(), got.1.len()),
+                (expected.0.len(), expected.1.len())
+            );
+        }
+    }
 }

@@ -1,0 +1,307 @@
+//! `hylo-bench`: measures the curvature work, preconditioning, training steps, communication,
+//! state memory, data loading and time to accuracy; prints markdown and writes JSON.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Parser;
+use hylo_benches::comm::{comm_volume, state_memory};
+use hylo_benches::layers::{model_layer_cases, time_layer, LayerCase, LayerTiming};
+use hylo_benches::steps::{cifar_loading, resnet32_steps};
+use hylo_models::{trainable_params, CifarResNetConfig, ImageNetResNetConfig};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hylo-bench",
+    about = "Benchmark report of HyLo, SNGD and K-FAC"
+)]
+struct Args {
+    /// Smaller shapes and fewer repeats (under 5 minutes on a 2-core CPU); the report says so.
+    #[arg(long)]
+    quick: bool,
+    /// JSON output.
+    #[arg(long, default_value = "bench.json")]
+    json: PathBuf,
+    /// Seconds per optimizer of the time-to-accuracy run.
+    #[arg(long)]
+    budget: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct LayerRow {
+    case: LayerCase,
+    batch: usize,
+    timing: LayerTiming,
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    quick: bool,
+    settings: String,
+    layers: Vec<LayerRow>,
+    steps: Vec<hylo_benches::steps::StepTiming>,
+    comm: Vec<hylo_benches::comm::CommVolume>,
+    memory: Vec<(String, hylo_benches::comm::StateMemory)>,
+    loading: Option<hylo_benches::steps::LoadTiming>,
+    demo: Vec<(String, f64, Option<f64>, f64)>,
+}
+
+fn resnet50_cases(size: usize) -> Vec<LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = ImageNetResNetConfig::new(50)
+                .init(capture, &Default::default())
+                .unwrap();
+            (
+                m,
+                Box::new(|m: &_, x| hylo_models::ImageNetResNet::forward(m, x)),
+            )
+        },
+        3,
+        size,
+    )
+}
+
+fn resnet32_cases() -> Vec<LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = CifarResNetConfig::new(32)
+                .init(capture, &Default::default())
+                .unwrap();
+            (
+                m,
+                Box::new(|m: &_, x| hylo_models::CifarResNet::forward(m, x)),
+            )
+        },
+        3,
+        32,
+    )
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.2}", s * 1e3)
+}
+
+fn main() {
+    let args = Args::parse();
+    let (image, batches, repeats, step_batch) = if args.quick {
+        (64, vec![32], 1, 16)
+    } else {
+        (224, vec![32, 128], 2, 128)
+    };
+    let freq = 13;
+    let rho = 0.1;
+    let mut md = String::new();
+    let mut report = Report {
+        quick: args.quick,
+        settings: format!(
+            "ResNet-50 layer shapes at {image}x{image} input, batches {batches:?}; ResNet-32 steps at batch {step_batch}, freq {freq}; rho {rho}; SpatialMean convolutions; f32 on the Flex CPU backend"
+        ),
+        ..Default::default()
+    };
+    writeln!(
+        md,
+        "# hylo-bench report{}\n\n{}\n",
+        if args.quick {
+            " (quick mode: smaller shapes)"
+        } else {
+            ""
+        },
+        report.settings
+    )
+    .unwrap();
+
+    // 1 and 2: per-layer curvature work and preconditioning.
+    let cases = resnet50_cases(image);
+    let mut eigen_cache = HashMap::new();
+    for &n in &batches {
+        writeln!(
+            md,
+            "## ResNet-50 curvature per refresh, batch {n} (ms; x count = layers of that shape)\n"
+        )
+        .unwrap();
+        writeln!(md, "| layer shape | count | K-FAC factors | K-FAC eigh | K-FAC | SNGD | HyLo-KID | HyLo-KIS | apply K-FAC | apply SNGD | apply HyLo |").unwrap();
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
+        let mut total = LayerTiming::default();
+        for case in &cases {
+            let t = time_layer(case, n, rho, repeats, &mut eigen_cache);
+            let k = case.count as f64;
+            total.kfac_factors += k * t.kfac_factors;
+            total.kfac_eigen += k * t.kfac_eigen;
+            total.sngd += k * t.sngd;
+            total.kid += k * t.kid;
+            total.kis += k * t.kis;
+            total.apply_kfac += k * t.apply_kfac;
+            total.apply_sngd += k * t.apply_sngd;
+            total.apply_hylo += k * t.apply_hylo;
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                case.shape,
+                case.count,
+                ms(t.kfac_factors),
+                ms(t.kfac_eigen),
+                ms(t.kfac()),
+                ms(t.sngd),
+                ms(t.kid),
+                ms(t.kis),
+                ms(t.apply_kfac),
+                ms(t.apply_sngd),
+                ms(t.apply_hylo)
+            )
+            .unwrap();
+            report.layers.push(LayerRow {
+                case: case.clone(),
+                batch: n,
+                timing: t,
+            });
+        }
+        writeln!(
+            md,
+            "| **total (54 layers)** | | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            ms(total.kfac_factors),
+            ms(total.kfac_eigen),
+            ms(total.kfac()),
+            ms(total.sngd),
+            ms(total.kid),
+            ms(total.kis),
+            ms(total.apply_kfac),
+            ms(total.apply_sngd),
+            ms(total.apply_hylo)
+        )
+        .unwrap();
+        writeln!(md, "\nRefresh ratio K-FAC / HyLo: {:.1}x against KID, {:.1}x against KIS; K-FAC / SNGD {:.1}x.\n", total.kfac() / total.kid, total.kfac() / total.kis, total.kfac() / total.sngd).unwrap();
+    }
+
+    // 3: ResNet-32 steps.
+    let steps = resnet32_steps(step_batch, freq);
+    let sgd = steps[0].amortised;
+    writeln!(
+        md,
+        "## ResNet-32 training step, batch {step_batch}, refresh every {freq} steps (ms)\n"
+    )
+    .unwrap();
+    writeln!(md, "| optimizer | refresh step | other steps | amortised | overhead vs SGD |\n|---|---|---|---|---|").unwrap();
+    for s in &steps {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2}x |",
+            s.optimizer,
+            ms(s.refresh_step),
+            ms(s.plain_step),
+            ms(s.amortised),
+            s.amortised / sgd
+        )
+        .unwrap();
+    }
+    report.steps = steps;
+
+    // 4: communication.
+    let local = 32;
+    writeln!(
+        md,
+        "\n## Communication per refresh, ResNet-50, local batch {local}, rho {rho} (MB, f32)\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| workers | K-FAC (KAISA) | HyLo | K-FAC / HyLo |\n|---|---|---|---|"
+    )
+    .unwrap();
+    for p in [1, 8, 16, 32, 64] {
+        let v = comm_volume(&cases, p, local, rho);
+        writeln!(
+            md,
+            "| {p} | {:.1} | {:.1} | {:.1}x |",
+            v.kfac_bytes as f64 / 1e6,
+            v.hylo_bytes as f64 / 1e6,
+            v.ratio()
+        )
+        .unwrap();
+        report.comm.push(v);
+    }
+
+    // 5: state memory.
+    writeln!(md, "\n## Optimizer state after a refresh (MB, f32)\n").unwrap();
+    writeln!(
+        md,
+        "| model | batch | momentum | K-FAC | SNGD | HyLo |\n|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    let capture = hylo_optim::CaptureHandle::new();
+    let r32 = CifarResNetConfig::new(32)
+        .init::<burn::backend::Flex>(&capture, &Default::default())
+        .unwrap();
+    let r50 = ImageNetResNetConfig::new(50)
+        .init::<burn::backend::Flex>(&capture, &Default::default())
+        .unwrap();
+    for (name, cases, params, n) in [
+        (
+            "ResNet-32",
+            resnet32_cases(),
+            trainable_params::<burn::backend::Flex, _>(&r32),
+            128,
+        ),
+        (
+            "ResNet-50",
+            cases.clone(),
+            trainable_params::<burn::backend::Flex, _>(&r50),
+            32,
+        ),
+    ] {
+        let m = state_memory(&cases, params, n, rho);
+        writeln!(
+            md,
+            "| {name} | {n} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            m.momentum as f64 / 1e6,
+            m.kfac as f64 / 1e6,
+            m.sngd as f64 / 1e6,
+            m.hylo as f64 / 1e6
+        )
+        .unwrap();
+        report.memory.push((name.into(), m));
+    }
+
+    // Data loading against the step time.
+    let load = cifar_loading(step_batch);
+    writeln!(md, "\n## CIFAR data loading\n\nA batch of {} (read, random crop + flip, normalise, stack): {} ms ({:.0} samples/s), against {} ms for an SGD step of ResNet-32 at the same batch: loading is {:.1}% of a step and runs on the loader thread meanwhile.\n", load.batch, ms(load.seconds_per_batch), load.samples_per_second, ms(sgd), 100.0 * load.seconds_per_batch / sgd).unwrap();
+    report.loading = Some(load);
+
+    // 6: time to accuracy.
+    let budget = args.budget.unwrap_or(if args.quick { 5.0 } else { 30.0 });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let demo = hylo_train::demo::DemoArgs {
+        budget,
+        out: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    match hylo_train::demo::run(&demo) {
+        Ok(results) => {
+            writeln!(md, "## Time to accuracy: small CNN on the synthetic set, {budget:.0} s per optimizer\n\n{}", hylo_train::demo::table(&results, demo.target)).unwrap();
+            report.demo = results
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{:?}", r.optimizer).to_lowercase(),
+                        r.final_accuracy,
+                        r.time_to_target,
+                        r.ms_per_step,
+                    )
+                })
+                .collect();
+        }
+        Err(e) => writeln!(md, "time-to-accuracy run failed: {e}").unwrap(),
+    }
+    print!("{md}");
+    match serde_json::to_string_pretty(&report) {
+        Ok(json) => {
+            if let Err(e) = std::fs::write(&args.json, json) {
+                eprintln!("error: {}: {e}", args.json.display());
+                std::process::exit(2);
+            }
+        }
+        Err(e) => eprintln!("error: {e}"),
+    }
+}

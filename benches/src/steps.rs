@@ -1,0 +1,164 @@
+//! Whole training steps of ResNet-32 per optimizer, and data-loading throughput.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::backend::{Autodiff, Flex};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::{Distribution, Int, Tensor};
+use hylo_datasets::cifar::encode_cifar;
+use hylo_datasets::*;
+use hylo_models::{CifarResNet, CifarResNetConfig};
+use hylo_optim::{
+    CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, SngdConfig,
+};
+use serde::Serialize;
+
+type B = Autodiff<Flex>;
+
+/// Step times of one optimizer over one refresh period.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTiming {
+    /// Optimizer.
+    pub optimizer: String,
+    /// Seconds of a step that refreshes the curvature.
+    pub refresh_step: f64,
+    /// Mean seconds of a step that reuses it.
+    pub plain_step: f64,
+    /// Mean seconds per step amortised over the refresh period.
+    pub amortised: f64,
+}
+
+fn model(capture: &CaptureHandle) -> CifarResNet<B> {
+    CifarResNetConfig::new(32)
+        .init::<B>(capture, &Default::default())
+        .expect("depth 32")
+}
+
+/// Times `freq + 1` steps (3 for SGD) of ResNet-32 on CIFAR-shaped batches of `batch` with each optimizer
+/// (curvature refreshed every `freq` steps, as in the paper's run with freq 13).
+pub fn resnet32_steps(batch: usize, freq: usize) -> Vec<StepTiming> {
+    let device = Default::default();
+    let x = Tensor::<B, 4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+    let y = Tensor::<B, 1, Int>::from_data(
+        burn::tensor::TensorData::new(
+            (0..batch as i64).map(|i| i % 10).collect::<Vec<_>>(),
+            [batch],
+        ),
+        &device,
+    );
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let curvature = CurvatureConfig::new()
+        .with_freq(freq)
+        .with_damping(DampingConfig::new().with_initial(1.5));
+    let mut out = Vec::new();
+    for name in ["sgd", "kfac", "sngd", "hylo"] {
+        let capture = CaptureHandle::new();
+        let mut m = model(&capture);
+        let mut times = Vec::new();
+        let mut step =
+            |m: CifarResNet<B>,
+             opt: &mut dyn FnMut(CifarResNet<B>, GradientsParams) -> CifarResNet<B>| {
+                let start = Instant::now();
+                let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
+                let grads = capture.gradients(loss.backward(), &m);
+                let m = opt(m, grads);
+                let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
+                times.push(start.elapsed().as_secs_f64());
+                m
+            };
+        match name {
+            "sgd" => {
+                let mut o = SgdConfig::new()
+                    .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+                    .init::<B, CifarResNet<B>>();
+                // Every SGD step is alike: a warm-up step and two measured ones suffice.
+                for _ in 0..3 {
+                    m = step(m, &mut |m, g| o.step(0.1, m, g));
+                }
+            }
+            other => {
+                let mut o = match other {
+                    "kfac" => KfacConfig::new()
+                        .with_curvature(curvature.clone())
+                        .with_inverse_every(freq)
+                        .init::<B>(&capture),
+                    "sngd" => SngdConfig::new()
+                        .with_curvature(curvature.clone())
+                        .init::<B>(&capture),
+                    _ => HyloConfig::new()
+                        .with_curvature(curvature.clone())
+                        .init::<B>(&capture),
+                }
+                .expect("valid settings");
+                for _ in 0..=freq {
+                    m = step(m, &mut |m, g| o.step(0.1, m, g));
+                }
+            }
+        }
+        let measured = &times[1..times.len().min(freq)];
+        let plain = measured.iter().sum::<f64>() / measured.len().max(1) as f64;
+        let refresh = if name == "sgd" { plain } else { times[freq] };
+        out.push(StepTiming {
+            optimizer: name.into(),
+            refresh_step: refresh,
+            plain_step: plain,
+            amortised: (refresh + plain * (freq - 1) as f64) / freq as f64,
+        });
+    }
+    out
+}
+
+/// Data loading of CIFAR batches (read from the binary format, random crop + flip, normalised).
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadTiming {
+    /// Samples in a batch.
+    pub batch: usize,
+    /// Seconds to assemble one batch.
+    pub seconds_per_batch: f64,
+    /// Samples per second.
+    pub samples_per_second: f64,
+}
+
+/// Times assembling CIFAR-10 batches of `batch` from a file written in the binary format.
+pub fn cifar_loading(batch: usize) -> LoadTiming {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let records: Vec<(u8, Vec<u8>)> = (0..2048u32)
+        .map(|i| {
+            (
+                (i % 10) as u8,
+                (0..3072u32).map(|p| (p * 7 + i) as u8).collect(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.path().join("test_batch.bin"),
+        encode_cifar(CifarVariant::Cifar10, &records),
+    )
+    .expect("write");
+    let data =
+        CifarDataset::load(dir.path(), CifarVariant::Cifar10, Split::Test).expect("read back");
+    let source = Augmented {
+        inner: data,
+        augment: RandomCropFlip::cifar(),
+    };
+    let batcher = SampleBatcher::new(Arc::new(source), Normalization::cifar10(), 0);
+    let order = EpochOrder::new(2048, batch, 0, 0, true, true);
+    let refs = order.refs();
+    let batches = refs.len() / batch;
+    let start = Instant::now();
+    for b in 0..batches {
+        let out = batcher
+            .load::<Flex>(&refs[b * batch..(b + 1) * batch], &Default::default())
+            .expect("batch");
+        std::hint::black_box(out);
+    }
+    let per = start.elapsed().as_secs_f64() / batches as f64;
+    LoadTiming {
+        batch,
+        seconds_per_batch: per,
+        samples_per_second: batch as f64 / per,
+    }
+}

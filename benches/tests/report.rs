@@ -1,0 +1,78 @@
+//! The report's inputs: layer shapes found from the models, the communication formula and the
+//! state-memory accounting, checked by hand on small cases; one layer timed end to end.
+
+use std::collections::HashMap;
+
+use hylo_benches::comm::{comm_volume, state_memory};
+use hylo_benches::layers::{model_layer_cases, time_layer};
+use hylo_models::{CifarResNet, CifarResNetConfig, Mlp, MlpConfig};
+
+fn resnet32() -> Vec<hylo_benches::LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = CifarResNetConfig::new(32)
+                .init(capture, &Default::default())
+                .unwrap();
+            (m, Box::new(|m: &CifarResNet<_>, x| m.forward(x)))
+        },
+        3,
+        32,
+    )
+}
+
+#[test]
+fn resnet32_cases_cover_its_32_layers() {
+    let cases = resnet32();
+    assert_eq!(cases.iter().map(|c| c.count).sum::<usize>(), 32);
+    let fc = cases.iter().find(|c| c.shape == "linear 64->10").unwrap();
+    assert_eq!((fc.d_in, fc.d_out, fc.count), (65, 10, 1));
+    let stem = &cases[0];
+    assert_eq!((stem.d_in, stem.d_out), (27, 16));
+}
+
+fn mlp_cases() -> Vec<hylo_benches::LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = MlpConfig::new(12, vec![5], 3).init(capture, &Default::default());
+            (m, Box::new(|m: &Mlp<_>, x| m.forward_images(x)))
+        },
+        3,
+        2,
+    )
+}
+
+#[test]
+fn communication_and_memory_follow_the_formulas() {
+    // Layers: 12->5 (d_in' 13) and 5->3 (d_in' 6).
+    let cases = mlp_cases();
+    assert_eq!(cases.len(), 2);
+    // b = 20, rho = 0.1: r = 2; P = 4: rP = 8.
+    let v = comm_volume(&cases, 4, 20, 0.1);
+    assert_eq!(v.kfac_bytes, 4 * (13 * 13 + 5 * 5 + 6 * 6 + 3 * 3));
+    assert_eq!(v.hylo_bytes, 4 * (8 * (13 + 5) + 64 + 8 * (6 + 3) + 64));
+    let m = state_memory(&cases, 83, 20, 0.1);
+    assert_eq!(m.momentum, 4 * 83);
+    assert_eq!(m.kfac, 4 * (2 * (169 + 25) + 18 + 2 * (36 + 9) + 9));
+    assert_eq!(m.sngd, 4 * (20 * 18 + 400 + 20 * 9 + 400));
+    assert_eq!(m.hylo, 4 * (2 * 18 + 4 + 2 * 9 + 4));
+}
+
+#[test]
+fn a_layer_times_every_method() {
+    let cases = resnet32();
+    let mut cache = HashMap::new();
+    let t = time_layer(&cases[1], 8, 0.25, 1, &mut cache);
+    for v in [
+        t.kfac_factors,
+        t.kfac_eigen,
+        t.sngd,
+        t.kid,
+        t.kis,
+        t.apply_kfac,
+        t.apply_sngd,
+        t.apply_hylo,
+    ] {
+        assert!(v > 0.0 && v.is_finite());
+    }
+    assert_eq!(cache.len(), 1);
+}
