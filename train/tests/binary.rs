@@ -1,0 +1,108 @@
+//! The `hylo-train` executable: one-line errors with a non-zero exit, and Ctrl-C saving a
+//! checkpoint that `--resume` continues.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hylo-train"))
+}
+
+#[test]
+fn bad_arguments_and_data_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["classify", "--model", "resnet33", "--out"],
+        vec![
+            "classify",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            "/definitely/missing",
+            "--out",
+        ],
+    ] {
+        let mut args: Vec<String> = args.into_iter().map(String::from).collect();
+        args.push(dir.path().join("o").display().to_string());
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("error: ") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+    let out = bin().args(["classify", "--epochs", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let child = bin()
+        .args([
+            "classify",
+            "--epochs",
+            "1000",
+            "--train-samples",
+            "256",
+            "--val-samples",
+            "32",
+            "--batch-size",
+            "32",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training has written its first epoch, then interrupt.
+    let start = Instant::now();
+    while !out_dir.join("checkpoint/state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let log = std::fs::read_to_string(out_dir.join("train.log")).unwrap();
+    assert!(log.contains("stopped (Interrupted)"), "{log}");
+    // The saved run resumes (and stops at once under --max-steps 1 more step).
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    let steps = state["global_step"].as_u64().unwrap();
+    let resumed = bin()
+        .args([
+            "classify",
+            "--max-steps",
+            &(steps + 1).to_string(),
+            "--resume",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains(&format!("{} steps", steps + 1)));
+}
