@@ -6,6 +6,7 @@
 //! complete training loop.
 
 pub mod capture;
+pub mod comm;
 pub mod diagnostics;
 pub mod error;
 pub mod factors;

@@ -16,6 +16,7 @@
 //! `capture.gradients(loss.backward(), self)`.
 
 mod config;
+mod distributed;
 mod layer_grad;
 mod record;
 mod refresh;
@@ -76,6 +77,8 @@ pub struct StepReport {
     pub non_finite: Vec<String>,
     /// The KL-clipping scale applied, when clipping is on.
     pub kl_scale: Option<f64>,
+    /// Bytes this worker moved for the curvature refresh (zero when not distributed).
+    pub comm: crate::comm::CommBytes,
 }
 
 /// SNGD, K-FAC or HyLo as a Burn optimizer (see the module docs for the training loop).
@@ -92,6 +95,7 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     layers: BTreeMap<u64, LayerState<B::InnerBackend>>,
     momentum: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     report: StepReport,
+    comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
 }
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
@@ -115,6 +119,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             layers: BTreeMap::new(),
             momentum: BTreeMap::new(),
             report: StepReport::default(),
+            comm: None,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
@@ -186,7 +191,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         };
         if !captures.is_empty() {
             report.refreshed = true;
-            let failures = self.refresh(captures, &grads);
+            let (failures, bytes) = self.refresh(captures, &grads);
+            report.comm = bytes;
             if !failures.is_empty() {
                 let names = names();
                 for (id, reason) in failures {

@@ -5,8 +5,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
+use super::distributed::Compression;
 use super::{Curvature, LayerMeta, LayerState, Method, NaturalGradient};
 use crate::capture::LayerCapture;
+use crate::comm::CommBytes;
 use crate::error::CurvatureError;
 use crate::factors::{kfac_factors, per_sample_rows};
 use crate::precond::{kid, kis, sngd, HyloMode, KfacState};
@@ -17,7 +19,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         &mut self,
         captures: Vec<LayerCapture<B::InnerBackend>>,
         grads: &GradientsParams,
-    ) -> Vec<(ParamId, String)> {
+    ) -> (Vec<(ParamId, String)>, CommBytes) {
         for capture in &captures {
             self.layers
                 .entry(capture.weight_id.val())
@@ -33,7 +35,16 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         match self.method.clone() {
             Method::Sngd => {
                 self.advance_damping();
-                self.refresh_low_rank(captures, |rows, damping, _| sngd::refresh(rows, damping))
+                if let Some(comm) = self.comm.clone() {
+                    return self.refresh_low_rank_distributed(
+                        &captures,
+                        Compression::Full,
+                        comm.as_ref(),
+                    );
+                }
+                let failures = self
+                    .refresh_low_rank(captures, |rows, damping, _| sngd::refresh(rows, damping));
+                (failures, CommBytes::default())
             }
             Method::Hylo { rho, switch, seed } => {
                 self.advance_damping();
@@ -42,7 +53,21 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 self.last_grad_norm = Some(norm);
                 self.mode = Some(mode);
                 let step = self.step as u64;
-                self.refresh_low_rank(captures, move |rows, damping, index| {
+                if let Some(comm) = self.comm.clone() {
+                    let compression = match mode {
+                        HyloMode::Kid => Compression::Kid { rho },
+                        HyloMode::Kis => Compression::Kis {
+                            rho,
+                            seed: mix_seed(seed, step, 0),
+                        },
+                    };
+                    return self.refresh_low_rank_distributed(
+                        &captures,
+                        compression,
+                        comm.as_ref(),
+                    );
+                }
+                let failures = self.refresh_low_rank(captures, move |rows, damping, index| {
                     let r = kis::kept_rows(rho, rows.len());
                     match mode {
                         HyloMode::Kid => kid::refresh(rows, damping, r),
@@ -50,7 +75,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                             kis::refresh(rows, damping, rho, mix_seed(seed, step, index))
                         }
                     }
-                })
+                });
+                (failures, CommBytes::default())
             }
             Method::Kfac {
                 inverse_every,
@@ -59,6 +85,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 let invert = self.step.is_multiple_of(inverse_every);
                 if invert {
                     self.advance_damping();
+                }
+                if let Some(comm) = self.comm.clone() {
+                    return self.refresh_kfac_distributed(
+                        &captures,
+                        factor_decay,
+                        invert,
+                        comm.as_ref(),
+                    );
                 }
                 let mut failures = Vec::new();
                 for capture in &captures {
@@ -81,7 +115,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                         Err(e) => failures.push((capture.weight_id, e.to_string())),
                     }
                 }
-                failures
+                (failures, CommBytes::default())
             }
         }
     }

@@ -56,6 +56,23 @@ pub(crate) fn middle_matrix(
     rank: usize,
 ) -> Result<Option<Skeleton>, CurvatureError> {
     let n = kernel.nrows();
+    let Some((skeleton, s)) = local_skeleton(kernel, n as f64 * damping, rank)? else {
+        return Ok(None);
+    };
+    let r = skeleton.len();
+    let k_ss = Mat::from_fn(r, r, |i, j| kernel[(skeleton[i], skeleton[j])]);
+    Ok(Some((skeleton, combine(&s, &k_ss)?)))
+}
+
+/// Steps 1-3 of KID on one kernel: the skeleton rows (pivot order) and
+/// `S_mat = P (E + shift I)^-1 P^T` (shift = n lambda, or N lambda for a worker's local kernel
+/// in distributed KID); `None` when the kernel is zero.
+pub(crate) fn local_skeleton(
+    kernel: &Mat<f64>,
+    shift: f64,
+    rank: usize,
+) -> Result<Option<Skeleton>, CurvatureError> {
+    let n = kernel.nrows();
     let (_q, r_full, piv) = linalg::pivoted_qr(kernel.as_ref());
     let top = r_full[(0, 0)].abs();
     let numerical_rank = (0..n.min(rank))
@@ -79,22 +96,26 @@ pub(crate) fn middle_matrix(
             t[(i, j - r)]
         }
     });
-    // E = K' - K'[:, :r] P, then E + n lambda I.
+    // E = K' - K'[:, :r] P, then E + shift I.
     let mut e = &kp - kp.as_ref().submatrix(0, 0, n, r) * &p;
-    let shift = n as f64 * damping;
     for i in 0..n {
         e[(i, i)] += shift;
     }
     let x = linalg::lu_solve(e.as_ref(), p.transpose())?;
-    let s = &p * &x;
-    let k_ss = kp.as_ref().submatrix(0, 0, r, r).to_owned();
-    let s_kss = &s * &k_ss;
+    Ok(Some((piv[..r].to_vec(), &p * &x)))
+}
+
+/// Steps 5: `M = (S^-1 + K_SS)^-1 = S - S K_SS (I + S K_SS)^-1 S` (S may be singular, e.g.
+/// block-diagonal with zero padding).
+pub(crate) fn combine(s: &Mat<f64>, k_ss: &Mat<f64>) -> Result<Mat<f64>, CurvatureError> {
+    let r = s.nrows();
+    let s_kss = s * k_ss;
     let y = linalg::lu_solve((Mat::<f64>::identity(r, r) + &s_kss).as_ref(), s.as_ref())?;
-    let m = &s - &s_kss * &y;
+    let m = s - &s_kss * &y;
     if !linalg::all_finite(m.as_ref()) {
         return Err(CurvatureError::NonFinite {
             what: "KID middle matrix M",
         });
     }
-    Ok(Some((piv[..r].to_vec(), m)))
+    Ok(m)
 }
