@@ -12,6 +12,7 @@ use hylo_optim::CaptureHandle;
 use crate::cli::TrainArgs;
 use crate::demo::DemoArgs;
 use crate::trainer::{train, Outcome};
+use crate::workers::Workers;
 use crate::{data, output, with_backend};
 
 /// Command line of `hylo-train`.
@@ -130,9 +131,19 @@ pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String>
     if (command == "segment") != model.is_segmenter() {
         return Err(format!("`{command}` cannot train --model {model}: use classify for classifiers and segment for unet"));
     }
-    let outcome = with_backend!(args.device()?, |B, device| train_on::<B>(
-        &args, command, model, resume, &device
-    ))?;
+    let workers = start_workers(&args)?;
+    let result = with_backend!(args.device()?, |B, device| train_on::<B>(
+        &args, command, model, resume, &device, &workers.0
+    ));
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        // A failing rank ends the whole job, so that no rank waits forever in a collective.
+        Err(e) if workers.0.distributed() => workers.0.comm.abort(&e),
+        Err(e) => return Err(e),
+    };
+    if !workers.0.writes() {
+        return Ok(outcome);
+    }
     println!(
         "{:?} after {} epochs, {} steps, {:.1}s: val loss {:.4}, val {} {:.4}; outputs in {}",
         outcome.stop,
@@ -147,12 +158,38 @@ pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String>
     Ok(outcome)
 }
 
+/// The workers of this run: MPI's world with `--distributed` (the guard keeps MPI initialised
+/// until the run ends), else this process alone.
+type WorkersGuard = (Workers, Option<Box<dyn std::any::Any>>);
+
+fn start_workers(args: &TrainArgs) -> Result<WorkersGuard, String> {
+    if !args.distributed {
+        return Ok((Workers::default(), None));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let (universe, comm) = hylo_optim::comm::mpi::MpiComm::init()
+            .ok_or("MPI was already initialised in this process")?;
+        Ok((
+            Workers::new(std::sync::Arc::new(comm)),
+            Some(Box::new(universe)),
+        ))
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(
+        "--distributed needs MPI: rebuild with `cargo build --release -p hylo-train --features mpi` \
+         (Open MPI and libclang must be installed) and start with `mpirun -np P hylo-train ...`"
+            .into(),
+    )
+}
+
 fn train_on<B: AutodiffBackend>(
     args: &TrainArgs,
     command: &str,
     model: ModelName,
     resume: bool,
     device: &B::Device,
+    workers: &Workers,
 ) -> Result<Outcome, String> {
     let data = data::load(args)?;
     let capture = CaptureHandle::new();
@@ -171,12 +208,16 @@ fn train_on<B: AutodiffBackend>(
             &capture,
             device,
         )?;
-        train(args, command, &data, unet, &capture, device, resume)
+        train(
+            args, command, &data, unet, &capture, device, resume, workers,
+        )
     } else {
         let mut spec = ClassifierSpec::new(channels, height, data.classes());
         spec.conv_bias = args.conv_bias;
         let classifier = Classifier::<B>::build(model, &spec, &capture, device)?;
-        train(args, command, &data, classifier, &capture, device, resume)
+        train(
+            args, command, &data, classifier, &capture, device, resume, workers,
+        )
     }
 }
 

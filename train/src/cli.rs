@@ -164,6 +164,11 @@ pub struct TrainArgs {
     /// LGG: fraction of patients held out for validation.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
+    /// Data-parallel training over MPI (`mpirun -np P hylo-train ... --distributed`; needs the
+    /// `mpi` feature). --batch-size is the global batch, split evenly over the ranks.
+    #[arg(long)]
+    #[serde(default)]
+    pub distributed: bool,
 }
 
 impl TrainArgs {

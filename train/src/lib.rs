@@ -11,3 +11,4 @@ pub mod output;
 pub mod plot;
 pub mod task;
 pub mod trainer;
+pub mod workers;

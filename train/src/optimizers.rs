@@ -35,6 +35,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         args: &TrainArgs,
         steps_per_epoch: usize,
         capture: &CaptureHandle,
+        workers: &crate::workers::Workers,
     ) -> Result<Self, String> {
         let decay =
             (args.weight_decay > 0.0).then(|| WeightDecayConfig::new(args.weight_decay as f32));
@@ -51,7 +52,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             .with_damping(damping)
             .with_conv_mode(args.conv_mode()?);
         let err = |e: hylo_optim::error::ConfigError| e.to_string();
-        Ok(match args.optim {
+        let optim = match args.optim {
             OptimName::Sgd => Self::Sgd(
                 SgdConfig::new()
                     .with_momentum((args.momentum > 0.0).then(|| {
@@ -85,7 +86,21 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
                     .init(capture)
                     .map_err(err)?,
             )),
+        };
+        Ok(match optim {
+            Self::Natural(o) if workers.distributed() => {
+                Self::Natural(Box::new(o.with_communicator(workers.comm.clone())))
+            }
+            other => other,
         })
+    }
+
+    /// Bytes the last curvature refresh moved between workers (zero when not distributed).
+    pub fn refresh_bytes(&self) -> Option<hylo_optim::comm::CommBytes> {
+        match self {
+            Self::Natural(o) if o.last_report().refreshed => Some(o.last_report().comm),
+            _ => None,
+        }
     }
 
     /// One update of `model` with learning rate `lr`.

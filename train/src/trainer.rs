@@ -16,6 +16,8 @@ use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
 use crate::output::{self, MetricsRow, RunState};
 use crate::task::{Tally, TrainModel};
+use crate::workers::Workers;
+use hylo_optim::comm::all_reduce_mean;
 
 /// Why a training invocation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +50,7 @@ pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Trains `model` on `data` as `args` say, writing into `args.out`; `resume` continues the
 /// checkpoint found there. `command` (`classify`/`segment`) goes into `config.json`.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B, M>(
     args: &TrainArgs,
     command: &str,
@@ -56,6 +59,7 @@ pub fn train<B, M>(
     capture: &CaptureHandle,
     device: &B::Device,
     resume: bool,
+    workers: &Workers,
 ) -> Result<Outcome, String>
 where
     B: AutodiffBackend,
@@ -70,7 +74,20 @@ where
             "--batch-size {batch_size} is larger than the training set ({train_len} samples)"
         ));
     }
-    let mut optim = AnyOptimizer::<M, B>::build(args, steps_per_epoch, capture)?;
+    let (rank, size) = (workers.rank(), workers.size());
+    if !batch_size.is_multiple_of(size) {
+        return Err(format!(
+            "--batch-size {batch_size} must be a multiple of the {size} ranks"
+        ));
+    }
+    let local_batch = batch_size / size;
+    workers.check_same_config(&serde_json::to_string(args).map_err(|e| e.to_string())?)?;
+    let log = |line: &str| {
+        if workers.writes() {
+            output::log(out, line);
+        }
+    };
+    let mut optim = AnyOptimizer::<M, B>::build(args, steps_per_epoch, capture, workers)?;
     let (mut model, mut state) = if resume {
         let (paths, state) = output::find_checkpoint(out)?;
         let recorder = CheckpointRecorder::new();
@@ -78,21 +95,25 @@ where
             .load_file(paths.model(), &recorder, device)
             .map_err(|e| format!("{}: cannot load the model: {e}", paths.model().display()))?;
         optim = optim.load(&paths.optimizer(), device)?;
-        output::log(
-            out,
-            &format!(
-                "resumed at epoch {} step {}",
-                state.epoch, state.global_step
-            ),
-        );
+        log(&format!(
+            "resumed at epoch {} step {}",
+            state.epoch, state.global_step
+        ));
         (model, state)
     } else {
-        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-        let _ = std::fs::remove_file(out.join("train.log"));
-        output::write_config(out, args, command)?;
-        output::create_metrics(&out.join("metrics.csv"), M::SEGMENTS)?;
+        if workers.writes() {
+            std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let _ = std::fs::remove_file(out.join("train.log"));
+            output::write_config(out, args, command)?;
+            output::create_metrics(&out.join("metrics.csv"), M::SEGMENTS)?;
+        }
         (model, RunState::default())
     };
+    if workers.distributed() {
+        log(&format!(
+            "data parallel over {size} ranks: local batch {local_batch} of {batch_size}"
+        ));
+    }
     let spe = steps_per_epoch;
     let schedule = WarmupMultiStepConfig::new(args.lr)
         .with_warmup_steps(args.warmup_epochs as usize * spe)
@@ -103,8 +124,18 @@ where
     let train_batcher =
         SampleBatcher::new(data.train.clone(), data.normalization.clone(), args.seed);
     let val_batcher = SampleBatcher::new(data.val.clone(), data.normalization.clone(), args.seed);
+    let epoch_end = EpochEnd {
+        args,
+        data,
+        val_batcher: &val_batcher,
+        device,
+        workers,
+    };
 
     let bars = MultiProgress::new();
+    if !workers.writes() {
+        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let epoch_bar = bars.add(ProgressBar::new(args.epochs).with_position(state.epoch));
     epoch_bar
         .set_style(ProgressStyle::with_template("epoch {pos}/{len} {wide_bar} {msg}").unwrap());
@@ -119,24 +150,38 @@ where
     let mut rows = Vec::new();
     let mut lr = schedule.rate_at(state.global_step as usize);
     while state.epoch < args.epochs {
-        let order = EpochOrder::new(train_len, batch_size, args.seed, state.epoch, true, true)
-            .skip_batches(state.step_in_epoch as usize, batch_size);
+        let order = EpochOrder::sharded(
+            train_len,
+            batch_size,
+            args.seed,
+            state.epoch,
+            true,
+            true,
+            rank,
+            size,
+        )
+        .skip_batches(state.step_in_epoch as usize, local_batch);
         step_bar.reset();
         step_bar.set_position(state.step_in_epoch);
-        for batch in loader::<B>(train_batcher.clone(), order, batch_size, device).iter() {
+        for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
             let batch = batch.map_err(|e| e.to_string())?;
             lr = schedule.rate_at(state.global_step as usize);
             let loss = model.loss(batch, &mut state.train);
             let grads = capture.gradients(loss.backward(), &model);
+            let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &model, workers.comm.as_ref());
             model = optim.step(lr, model, grads);
             if optim.last_step_skipped() {
-                output::log(
-                    out,
-                    &format!(
-                        "step {}: non-finite gradient or curvature, step skipped",
-                        state.global_step
-                    ),
-                );
+                log(&format!(
+                    "step {}: non-finite gradient or curvature, step skipped",
+                    state.global_step
+                ));
+            }
+            if let Some(bytes) = optim.refresh_bytes().filter(|_| workers.distributed()) {
+                log(&format!(
+                    "refresh at step {}: all-gather {} B, broadcast {} B, all-reduce {} B \
+                     (gradients: {grad_bytes} B every step)",
+                    state.global_step, bytes.all_gather, bytes.broadcast, bytes.all_reduce
+                ));
             }
             state.global_step += 1;
             state.step_in_epoch += 1;
@@ -147,7 +192,7 @@ where
                 if M::SEGMENTS { "dice" } else { "acc" },
                 state.train.score()
             ));
-            let stop = if INTERRUPTED.load(Ordering::SeqCst) {
+            let local_stop = if INTERRUPTED.load(Ordering::SeqCst) {
                 Some(Stop::Interrupted)
             } else if args.max_steps.is_some_and(|m| state.global_step >= m) {
                 Some(Stop::MaxSteps)
@@ -156,32 +201,28 @@ where
             } else {
                 None
             };
+            // Every rank stops at the same step: a rank left alone in a collective would hang.
+            let stop = match (workers.any(local_stop.is_some()), local_stop) {
+                (true, Some(stop)) => Some(stop),
+                (true, None) => Some(Stop::Interrupted),
+                (false, _) => None,
+            };
             if let Some(stop) = stop {
                 if state.step_in_epoch as usize == spe {
                     // The epoch is complete: finish it normally first.
-                    let row = end_epoch::<B, M>(
-                        args,
-                        data,
-                        &val_batcher,
-                        &model,
-                        &optim,
-                        &mut state,
-                        lr,
-                        wall(&started),
-                        device,
-                    )?;
+                    let row = epoch_end.run(&model, &optim, &mut state, lr, wall(&started))?;
                     rows.push(row);
                 }
                 state.wall_s = wall(&started);
-                checkpoint(out, &state, &model, &optim)?;
+                if workers.writes() {
+                    checkpoint(out, &state, &model, &optim)?;
+                }
                 let final_val = validate::<B, M>(data, &val_batcher, &model, batch_size, device);
-                output::log(
-                    out,
-                    &format!(
-                        "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
-                        state.epoch, state.global_step
-                    ),
-                );
+                agree(workers, &model, &log)?;
+                log(&format!(
+                    "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
+                    state.epoch, state.global_step
+                ));
                 bars.clear().ok();
                 return Ok(Outcome {
                     stop,
@@ -191,23 +232,16 @@ where
                 });
             }
         }
-        let row = end_epoch::<B, M>(
-            args,
-            data,
-            &val_batcher,
-            &model,
-            &optim,
-            &mut state,
-            lr,
-            wall(&started),
-            device,
-        )?;
+        let row = epoch_end.run(&model, &optim, &mut state, lr, wall(&started))?;
         epoch_bar.inc(1);
         epoch_bar.set_message(format!("val {:.4}", row.val_score));
         let final_val = (row.val_loss, row.val_score);
         rows.push(row);
-        checkpoint(out, &state, &model, &optim)?;
+        if workers.writes() {
+            checkpoint(out, &state, &model, &optim)?;
+        }
         if state.epoch == args.epochs {
+            agree(workers, &model, &log)?;
             bars.clear().ok();
             return Ok(Outcome {
                 stop: Stop::Finished,
@@ -227,60 +261,102 @@ where
     })
 }
 
-/// Validates, writes the epoch's row, the log line and the curves, and starts the next epoch.
-#[allow(clippy::too_many_arguments)]
-fn end_epoch<B: AutodiffBackend, M: TrainModel<B>>(
-    args: &TrainArgs,
-    data: &DataSources,
-    val_batcher: &SampleBatcher,
-    model: &M,
-    optim: &AnyOptimizer<M, B>,
-    state: &mut RunState,
-    lr: f64,
-    wall_s: f64,
-    device: &B::Device,
-) -> Result<MetricsRow, String> {
-    let val = validate::<B, M>(data, val_batcher, model, args.batch_size as usize, device);
-    state.epoch += 1;
-    let row = MetricsRow {
-        epoch: state.epoch,
-        step: state.global_step,
-        wall_s,
-        train_loss: state.train.loss(),
-        train_score: state.train.score(),
-        val_loss: val.loss(),
-        val_score: val.score(),
-        lr,
-        damping: optim.damping(),
-        mode: optim
-            .mode()
-            .unwrap_or_else(|| format!("{:?}", args.optim).to_lowercase()),
-    };
-    state.step_in_epoch = 0;
-    state.train = Tally::default();
-    state.wall_s = wall_s;
-    let out = args.out.as_path();
-    output::append_metrics(&out.join("metrics.csv"), &row)?;
-    output::log(
-        out,
-        &format!(
-            "epoch {} step {} wall {:.1}s train_loss {:.4} train_{} {:.4} val_loss {:.4} val_{} {:.4} lr {:.4} mode {}",
-            row.epoch, row.step, row.wall_s, row.train_loss, score_name::<B, M>(), row.train_score,
-            row.val_loss, score_name::<B, M>(), row.val_score, row.lr, row.mode
-        ),
-    );
-    if let Err(e) = crate::plot::curves(&out.join("metrics.csv"), &out.join("curves.png")) {
-        output::log(out, &format!("could not draw curves.png: {e}"));
-    }
-    Ok(row)
+/// What the end of an epoch needs besides the model and the optimizer.
+struct EpochEnd<'a, B: AutodiffBackend> {
+    args: &'a TrainArgs,
+    data: &'a DataSources,
+    val_batcher: &'a SampleBatcher,
+    device: &'a B::Device,
+    workers: &'a Workers,
 }
 
-fn score_name<B: AutodiffBackend, M: TrainModel<B>>() -> &'static str {
-    if M::SEGMENTS {
-        "dice"
-    } else {
-        "acc"
+impl<B: AutodiffBackend> EpochEnd<'_, B> {
+    /// Validates, writes the epoch's row, the log line and the curves (rank 0), and starts the
+    /// next epoch.
+    fn run<M: TrainModel<B>>(
+        &self,
+        model: &M,
+        optim: &AnyOptimizer<M, B>,
+        state: &mut RunState,
+        lr: f64,
+        wall_s: f64,
+    ) -> Result<MetricsRow, String> {
+        let args = self.args;
+        let val = validate::<B, M>(
+            self.data,
+            self.val_batcher,
+            model,
+            args.batch_size as usize,
+            self.device,
+        );
+        if self.workers.distributed() {
+            // Training loss and accuracy over every rank's shard.
+            let t = &mut state.train;
+            let mut sums = [t.loss_sum as f32, t.samples as f32, t.correct as f32];
+            self.workers.sum(&mut sums);
+            (t.loss_sum, t.samples, t.correct) = (sums[0] as f64, sums[1] as u64, sums[2] as u64);
+        }
+        state.epoch += 1;
+        let row = MetricsRow {
+            epoch: state.epoch,
+            step: state.global_step,
+            wall_s,
+            train_loss: state.train.loss(),
+            train_score: state.train.score(),
+            val_loss: val.loss(),
+            val_score: val.score(),
+            lr,
+            damping: optim.damping(),
+            mode: optim
+                .mode()
+                .unwrap_or_else(|| format!("{:?}", args.optim).to_lowercase()),
+        };
+        state.step_in_epoch = 0;
+        state.train = Tally::default();
+        state.wall_s = wall_s;
+        if !self.workers.writes() {
+            return Ok(row);
+        }
+        let out = args.out.as_path();
+        output::append_metrics(&out.join("metrics.csv"), &row)?;
+        let score = if M::SEGMENTS { "dice" } else { "acc" };
+        output::log(
+            out,
+            &format!(
+                "epoch {} step {} wall {:.1}s train_loss {:.4} train_{score} {:.4} val_loss {:.4} \
+                 val_{score} {:.4} lr {:.4} mode {}",
+                row.epoch,
+                row.step,
+                row.wall_s,
+                row.train_loss,
+                row.train_score,
+                row.val_loss,
+                row.val_score,
+                row.lr,
+                row.mode
+            ),
+        );
+        if let Err(e) = crate::plot::curves(&out.join("metrics.csv"), &out.join("curves.png")) {
+            output::log(out, &format!("could not draw curves.png: {e}"));
+        }
+        Ok(row)
     }
+}
+
+/// In a distributed run, checks that every rank ends with the same weights and logs it.
+fn agree<B: AutodiffBackend, M: AutodiffModule<B>>(
+    workers: &Workers,
+    model: &M,
+    log: &impl Fn(&str),
+) -> Result<(), String> {
+    if workers.distributed() {
+        let checksum = workers.check_same_weights::<B, M>(model)?;
+        log(&format!(
+            "all {} ranks agree on the weights (checksum {checksum:.6})",
+            workers.size()
+        ));
+    }
+    Ok(())
 }
 
 /// Loss and score of `model` on the validation set.

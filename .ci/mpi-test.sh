@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Distributed training under `mpirun -np 2` on the CPU (the optimizers' P=2 equivalence with a
+# single process is tested in-process by `cargo test`, optim/tests/distributed.rs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -p hylo-train --features mpi
+BIN=target/debug/hylo-train
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe)
+OUT=$(mktemp -d)
+common=(--train-samples 256 --val-samples 64 --batch-size 32 --freq 4 --epochs 2)
+
+for optim in hylo kfac sngd sgd; do
+    timeout 300 "${MPIRUN[@]}" -np 2 "$BIN" classify --distributed --optim "$optim" \
+        --switch epochs:1,1,1 "${common[@]}" --out "$OUT/$optim"
+    grep -q "all 2 ranks agree on the weights" "$OUT/$optim/train.log"
+    test "$(wc -l < "$OUT/$optim/metrics.csv")" -eq 3
+done
+grep -q "refresh at step 0: all-gather" "$OUT/hylo/train.log"
+grep -q "refresh at step 0: all-gather 0 B, broadcast [0-9]* B, all-reduce [1-9]" "$OUT/kfac/train.log"
+
+# Ranks started with different arguments end with a clear error instead of hanging.
+set +e
+timeout 120 "${MPIRUN[@]}" -np 1 "$BIN" classify --distributed "${common[@]}" --seed 0 --out "$OUT/bad" \
+    : -np 1 "$BIN" classify --distributed "${common[@]}" --seed 1 --out "$OUT/bad" > "$OUT/bad.log" 2>&1
+rc=$?
+set -e
+test "$rc" -ne 0 && test "$rc" -ne 124
+grep -q "configuration mismatch" "$OUT/bad.log"
+echo "mpi tests passed"

@@ -1,0 +1,129 @@
+//! The workers of a data-parallel run: the communicator, who writes outputs, and the checks
+//! that keep ranks in step (same configuration, same stop decision, same weights).
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use hylo_optim::comm::{Communicator, Single};
+
+/// The communicator of this process and its place in the job.
+#[derive(Clone)]
+pub struct Workers {
+    /// Collectives among the workers.
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self {
+            comm: Arc::new(Single),
+        }
+    }
+}
+
+impl Workers {
+    /// Workers over `comm`.
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self { comm }
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of workers.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    /// Whether this worker writes the run's files (rank 0).
+    pub fn writes(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Whether there is more than one worker.
+    pub fn distributed(&self) -> bool {
+        self.size() > 1
+    }
+
+    /// Fails on every worker when the workers were given different configurations.
+    pub fn check_same_config(&self, config: &str) -> Result<(), String> {
+        if !self.distributed() {
+            return Ok(());
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        config.hash(&mut hasher);
+        let h = hasher.finish();
+        // Four 16-bit pieces: exact in f32.
+        let mine: Vec<f32> = (0..4).map(|i| ((h >> (16 * i)) & 0xffff) as f32).collect();
+        let all = self.comm.all_gather(&mine);
+        let differing: Vec<usize> = all
+            .chunks(4)
+            .enumerate()
+            .filter(|(_, c)| *c != &mine[..])
+            .map(|(r, _)| r)
+            .collect();
+        if differing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "configuration mismatch: rank {} was started with other arguments than rank(s) {:?}; \
+                 every rank must get the same command line",
+                self.rank(),
+                differing
+            ))
+        }
+    }
+
+    /// True on every worker when any worker wants to stop.
+    pub fn any(&self, flag: bool) -> bool {
+        if !self.distributed() {
+            return flag;
+        }
+        let mut v = [f32::from(u8::from(flag))];
+        self.comm.all_reduce_sum(&mut v);
+        v[0] > 0.0
+    }
+
+    /// Sums `values` over the workers.
+    pub fn sum(&self, values: &mut [f32]) {
+        if self.distributed() {
+            self.comm.all_reduce_sum(values);
+        }
+    }
+
+    /// Checks that every worker holds the same weights (a checksum of every parameter).
+    pub fn check_same_weights<B: Backend, M: Module<B>>(&self, model: &M) -> Result<f64, String> {
+        let mut sum = Checksum(0.0, 0.0);
+        model.visit(&mut sum);
+        if !self.distributed() {
+            return Ok(sum.0);
+        }
+        let all = self.comm.all_gather(&[sum.0 as f32, sum.1 as f32]);
+        if all.chunks(2).all(|c| c == &all[..2]) {
+            Ok(sum.0)
+        } else {
+            Err(format!("ranks disagree on the weights: checksums {all:?}"))
+        }
+    }
+}
+
+struct Checksum(f64, f64);
+
+impl<B: Backend> ModuleVisitor<B> for Checksum {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let v = param.val();
+        let n = v.shape().num_elements().max(1) as f64;
+        let values: Vec<f64> = v.into_data().convert::<f64>().to_vec().unwrap_or_default();
+        self.0 += values.iter().sum::<f64>();
+        self.1 += values
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x * ((i as f64 + 1.0) / n))
+            .sum::<f64>();
+    }
+}
