@@ -33,7 +33,7 @@ fn curvature(c: &mut Criterion) {
     let mut group = c.benchmark_group("refresh");
     group.sample_size(10);
     for case in picks {
-        let capture = synthetic_capture(case, n);
+        let capture = synthetic_capture::<burn::backend::Flex>(case, n, &Default::default());
         let mode = ConvMode::SpatialMean;
         let r = kis::kept_rows(0.1, n);
         group.bench_function(format!("kfac-factors {}", case.shape), |b| {

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::{AutodiffModule, ParamId};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, ElementConversion, Tensor};
 use hylo_optim::capture::{CaptureHandle, CapturedInput, LayerCapture, LayerGeometry};
 use hylo_optim::factors::{kfac_factors, per_sample_rows};
 use hylo_optim::precond::{kid, kis, sngd, KfacState};
@@ -91,8 +92,12 @@ where
 }
 
 /// Random curvature data of `case` for a batch of `n` (what a curvature step captures).
-pub fn synthetic_capture(case: &LayerCase, n: usize) -> LayerCapture<B> {
-    let device = Default::default();
+pub fn synthetic_capture<D: Backend>(
+    case: &LayerCase,
+    n: usize,
+    device: &D::Device,
+) -> LayerCapture<D> {
+    let device = device.clone();
     let normal = Distribution::Normal(0.0, 1.0);
     let input = match case.input[..] {
         [c, h, w] => CapturedInput::Conv(Tensor::random([n, c, h, w], normal, &device)),
@@ -144,20 +149,22 @@ impl LayerTiming {
     }
 }
 
-fn sync(t: Tensor<B, 2>) -> f32 {
-    t.sum().into_scalar()
+/// Reads one number back, so the timed work has finished on any backend.
+fn sync<D: Backend>(t: Tensor<D, 2>) -> f32 {
+    t.sum().into_scalar().elem()
 }
 
 /// Times every method on `case` at batch `n`; eigendecompositions are shared between shapes of
 /// equal factor sizes through `eigen_cache` (their cost depends on the size only).
-pub fn time_layer(
+pub fn time_layer<D: Backend>(
     case: &LayerCase,
     n: usize,
     rho: f64,
     repeats: usize,
     eigen_cache: &mut HashMap<(usize, usize), f64>,
+    device: &D::Device,
 ) -> LayerTiming {
-    let capture = synthetic_capture(case, n);
+    let capture = synthetic_capture::<D>(case, n, device);
     let damping = 0.1;
     let mode = ConvMode::SpatialMean;
     let r = kis::kept_rows(rho, n);
@@ -185,10 +192,10 @@ pub fn time_layer(
         .or_insert_with(|| seconds(1, || kfac.clone().update_inverses().unwrap()));
     t.kfac_eigen = eigen;
     kfac.update_inverses().unwrap();
-    let grad = Tensor::<B, 2>::random(
+    let grad = Tensor::<D, 2>::random(
         [case.d_out, case.d_in],
         Distribution::Normal(0.0, 1.0),
-        &Default::default(),
+        device,
     );
     t.apply_kfac = seconds(repeats.max(3), || {
         sync(kfac.apply(grad.clone(), damping).unwrap())

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Int, Tensor};
 use hylo_datasets::cifar::encode_cifar;
 use hylo_datasets::*;
@@ -15,8 +16,6 @@ use hylo_optim::{
     CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, SngdConfig,
 };
 use serde::Serialize;
-
-type B = Autodiff<Flex>;
 
 /// Step times of one optimizer over one refresh period.
 #[derive(Clone, Debug, Serialize)]
@@ -31,16 +30,20 @@ pub struct StepTiming {
     pub amortised: f64,
 }
 
-fn model(capture: &CaptureHandle) -> CifarResNet<B> {
+fn model<B: AutodiffBackend>(capture: &CaptureHandle, device: &B::Device) -> CifarResNet<B> {
     CifarResNetConfig::new(32)
-        .init::<B>(capture, &Default::default())
+        .init::<B>(capture, device)
         .expect("depth 32")
 }
 
 /// Times `freq + 1` steps (3 for SGD) of ResNet-32 on CIFAR-shaped batches of `batch` with each optimizer
 /// (curvature refreshed every `freq` steps, as in the paper's run with freq 13).
-pub fn resnet32_steps(batch: usize, freq: usize) -> Vec<StepTiming> {
-    let device = Default::default();
+pub fn resnet32_steps<B: AutodiffBackend>(
+    batch: usize,
+    freq: usize,
+    device: &B::Device,
+) -> Vec<StepTiming> {
+    let device = device.clone();
     let x = Tensor::<B, 4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
     let y = Tensor::<B, 1, Int>::from_data(
         burn::tensor::TensorData::new(
@@ -56,7 +59,7 @@ pub fn resnet32_steps(batch: usize, freq: usize) -> Vec<StepTiming> {
     let mut out = Vec::new();
     for name in ["sgd", "kfac", "sngd", "hylo"] {
         let capture = CaptureHandle::new();
-        let mut m = model(&capture);
+        let mut m = model::<B>(&capture, &device);
         let mut times = Vec::new();
         let mut step =
             |m: CifarResNet<B>,

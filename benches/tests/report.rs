@@ -61,7 +61,8 @@ fn communication_and_memory_follow_the_formulas() {
 fn a_layer_times_every_method() {
     let cases = resnet32();
     let mut cache = HashMap::new();
-    let t = time_layer(&cases[1], 8, 0.25, 1, &mut cache);
+    let t =
+        time_layer::<burn::backend::Flex>(&cases[1], 8, 0.25, 1, &mut cache, &Default::default());
     for v in [
         t.kfac_factors,
         t.kfac_eigen,

@@ -27,6 +27,15 @@ struct Args {
     /// Seconds per optimizer of the time-to-accuracy run.
     #[arg(long)]
     budget: Option<f64>,
+    /// cpu, wgpu, cuda or cuda:N (GPU backends need the matching Cargo feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// ResNet-32 batch of the step timings (default: 128, or 16 with --quick).
+    #[arg(long)]
+    step_batch: Option<usize>,
+    /// ResNet-50 batches of the curvature timings (default: 32,128, or 32 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    batches: Vec<usize>,
 }
 
 #[derive(Serialize)]
@@ -86,6 +95,24 @@ fn ms(s: f64) -> String {
 
 fn main() {
     let args = Args::parse();
+    let device: hylo_train::device::DeviceArg = match args.device.parse() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --device: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result: Result<(), String> = hylo_train::with_backend!(device, |B, dev| {
+        report::<B>(&args, &dev);
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
     let (image, batches, repeats, step_batch) = if args.quick {
         (64, vec![32], 1, 16)
     } else {
@@ -97,7 +124,7 @@ fn main() {
     let mut report = Report {
         quick: args.quick,
         settings: format!(
-            "ResNet-50 layer shapes at {image}x{image} input, batches {batches:?}; ResNet-32 steps at batch {step_batch}, freq {freq}; rho {rho}; SpatialMean convolutions; f32 on the Flex CPU backend"
+            "ResNet-50 layer shapes at {image}x{image} input, batches {batches:?}; ResNet-32 steps at batch {step_batch}, freq {freq}; rho {rho}; SpatialMean convolutions; f32 on device {}", args.device
         ),
         ..Default::default()
     };
@@ -126,7 +153,7 @@ fn main() {
         writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
         let mut total = LayerTiming::default();
         for case in &cases {
-            let t = time_layer(case, n, rho, repeats, &mut eigen_cache);
+            let t = time_layer::<B::InnerBackend>(case, n, rho, repeats, &mut eigen_cache, device);
             let k = case.count as f64;
             total.kfac_factors += k * t.kfac_factors;
             total.kfac_eigen += k * t.kfac_eigen;
@@ -176,7 +203,7 @@ fn main() {
     }
 
     // 3: ResNet-32 steps.
-    let steps = resnet32_steps(step_batch, freq);
+    let steps = resnet32_steps::<B>(step_batch, freq, device);
     let sgd = steps[0].amortised;
     writeln!(
         md,
