@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Distributed training under `mpirun -np 2` on the CPU (the optimizers' P=2 equivalence with a
-# single process is tested in-process by `cargo test`, optim/tests/distributed.rs).
+# Distributed training under `mpirun -np 2` on the CPU: one step of SGD, SNGD and K-FAC on two
+# shards equals one process on their union; short runs of every optimizer finish with agreeing
+# ranks; mismatched ranks fail cleanly. (The same optimizer code is also tested in-process by
+# `cargo test`, optim/tests/distributed.rs.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -p hylo-train --features mpi
+cargo build -p hylo-optim --features mpi --example mpi_equivalence
 BIN=target/debug/hylo-train
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe)
+
+timeout 300 "${MPIRUN[@]}" -np 2 target/debug/examples/mpi_equivalence
 OUT=$(mktemp -d)
 common=(--train-samples 256 --val-samples 64 --batch-size 32 --freq 4 --epochs 2)
 

@@ -113,11 +113,17 @@ fn main() {
 }
 
 fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
-    let (image, batches, repeats, step_batch) = if args.quick {
+    let (image, mut batches, repeats, mut step_batch) = if args.quick {
         (64, vec![32], 1, 16)
     } else {
         (224, vec![32, 128], 2, 128)
     };
+    if !args.batches.is_empty() {
+        batches = args.batches.clone();
+    }
+    if let Some(b) = args.step_batch {
+        step_batch = b;
+    }
     let freq = 13;
     let rho = 0.1;
     let mut md = String::new();
