@@ -3,26 +3,13 @@
 //! Run with `cargo bench -p hylo-benches`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use hylo_benches::layers::{model_layer_cases, synthetic_capture};
-use hylo_models::ImageNetResNetConfig;
+use hylo_benches::layers::{resnet50_cases, synthetic_capture};
 use hylo_optim::factors::{kfac_factors, per_sample_rows};
 use hylo_optim::precond::{kid, kis, sngd};
 use hylo_optim::ConvMode;
 
 fn curvature(c: &mut Criterion) {
-    let cases = model_layer_cases(
-        |capture| {
-            let m = ImageNetResNetConfig::new(50)
-                .init(capture, &Default::default())
-                .unwrap();
-            (
-                m,
-                Box::new(|m: &_, x| hylo_models::ImageNetResNet::forward(m, x)),
-            )
-        },
-        3,
-        64,
-    );
+    let cases = resnet50_cases(64);
     // A 3x3 conv of each stage and the classifier.
     let picks: Vec<_> = cases
         .iter()

@@ -91,6 +91,40 @@ where
     cases
 }
 
+/// The distinct layer shapes of ResNet-50 (1000 classes) for `size x size` inputs.
+pub fn resnet50_cases(size: usize) -> Vec<LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = hylo_models::ImageNetResNetConfig::new(50)
+                .init(capture, &Default::default())
+                .expect("depth 50");
+            (
+                m,
+                Box::new(|m: &hylo_models::ImageNetResNet<_>, x| m.forward(x)),
+            )
+        },
+        3,
+        size,
+    )
+}
+
+/// The distinct layer shapes of ResNet-32 for CIFAR inputs.
+pub fn resnet32_cases() -> Vec<LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = hylo_models::CifarResNetConfig::new(32)
+                .init(capture, &Default::default())
+                .expect("depth 32");
+            (
+                m,
+                Box::new(|m: &hylo_models::CifarResNet<_>, x| m.forward(x)),
+            )
+        },
+        3,
+        32,
+    )
+}
+
 /// Random curvature data of `case` for a batch of `n` (what a curvature step captures).
 pub fn synthetic_capture<D: Backend>(
     case: &LayerCase,

@@ -5,19 +5,10 @@ use std::collections::HashMap;
 
 use hylo_benches::comm::{comm_volume, state_memory};
 use hylo_benches::layers::{model_layer_cases, time_layer};
-use hylo_models::{CifarResNet, CifarResNetConfig, Mlp, MlpConfig};
+use hylo_models::{Mlp, MlpConfig};
 
 fn resnet32() -> Vec<hylo_benches::LayerCase> {
-    model_layer_cases(
-        |capture| {
-            let m = CifarResNetConfig::new(32)
-                .init(capture, &Default::default())
-                .unwrap();
-            (m, Box::new(|m: &CifarResNet<_>, x| m.forward(x)))
-        },
-        3,
-        32,
-    )
+    hylo_benches::layers::resnet32_cases()
 }
 
 #[test]

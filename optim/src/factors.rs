@@ -28,6 +28,17 @@ pub struct PositionRows<B: Backend> {
     pub g: Tensor<B, 3>,
 }
 
+/// The convolution input with its `[top, bottom, left, right]` zero padding applied.
+fn zero_padded<B: Backend>(x: &Tensor<B, 4>, padding: [usize; 4]) -> Tensor<B, 4> {
+    let [top, bottom, left, right] = padding;
+    if top + bottom + left + right > 0 {
+        x.clone()
+            .pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+    } else {
+        x.clone()
+    }
+}
+
 /// Unfolds and scales a capture into per-position rows.
 pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
     let [n, _, _] = capture.output_grad.dims();
@@ -46,13 +57,7 @@ pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
                 ..
             },
         ) => {
-            let [top, bottom, left, right] = *padding;
-            let x = if top + bottom + left + right > 0 {
-                x.clone()
-                    .pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
-            } else {
-                x.clone()
-            };
+            let x = zero_padded(x, *padding);
             let patches = unfold4d(x, *kernel, UnfoldOptions::new(*stride, [0, 0], *dilation));
             // [n, C k k, L] -> [n, L, C k k];  [n, d_out, L] -> [n, L, d_out]
             (
@@ -106,8 +111,9 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
 }
 
 /// `SpatialMean` rows of a convolution without unfolding: the mean over output positions of the
-/// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid, so each of the
-/// k x k kernel offsets costs one strided slice and a sum (no `[n, C k k, L]` intermediate).
+/// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid. The sub-grid
+/// sums are separable: one strided row sum per kernel row, then one strided column sum per
+/// kernel offset (no `[n, C k k, L]` intermediate, and k + k^2 small passes instead of k^2 large).
 fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) -> PerSampleRows<B> {
     let LayerGeometry::Conv2d {
         kernel,
@@ -121,28 +127,34 @@ fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) ->
         unreachable!("capture input kind always matches its geometry")
     };
     let [n, d_out, positions] = capture.output_grad.dims();
-    let [top, bottom, left, right] = *padding;
-    let x = if top + bottom + left + right > 0 {
-        x.clone()
-            .pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
-    } else {
-        x.clone()
-    };
+    let x = zero_padded(x, *padding);
     let [_, channels, hp, wp] = x.dims();
     let out_h = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
     let out_w = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
     debug_assert_eq!(out_h * out_w, positions);
+    // Separable: first the sum over output rows for each kernel row u ([n, C, Wp]), then the
+    // sum over output columns for each kernel column v of that ([n, C]).
     let mut offsets = Vec::with_capacity(kernel[0] * kernel[1]);
     for u in 0..kernel[0] {
-        for v in 0..kernel[1] {
-            let (r0, c0) = (u * dilation[0], v * dilation[1]);
-            let grid = x.clone().slice(burn::tensor::s![
+        let r0 = u * dilation[0];
+        let rows = x
+            .clone()
+            .slice(burn::tensor::s![
                 ..,
                 ..,
                 r0..r0 + (out_h - 1) * stride[0] + 1;stride[0] as isize,
+                ..
+            ])
+            .sum_dim(2);
+        for v in 0..kernel[1] {
+            let c0 = v * dilation[1];
+            let cols = rows.clone().slice(burn::tensor::s![
+                ..,
+                ..,
+                ..,
                 c0..c0 + (out_w - 1) * stride[1] + 1;stride[1] as isize
             ]);
-            offsets.push(grid.sum_dim(3).sum_dim(2).reshape([n, channels, 1]));
+            offsets.push(cols.sum_dim(3).reshape([n, channels, 1]));
         }
     }
     // Columns in unfold's order: channel-major, then kernel row, then kernel column.

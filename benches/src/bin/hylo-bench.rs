@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use hylo_benches::comm::{comm_volume, state_memory};
-use hylo_benches::layers::{model_layer_cases, time_layer, LayerCase, LayerTiming};
+use hylo_benches::layers::{resnet32_cases, resnet50_cases, time_layer, LayerCase, LayerTiming};
 use hylo_benches::steps::{cifar_loading, resnet32_steps};
 use hylo_models::{trainable_params, CifarResNetConfig, ImageNetResNetConfig};
 use serde::Serialize;
@@ -55,38 +55,6 @@ struct Report {
     memory: Vec<(String, hylo_benches::comm::StateMemory)>,
     loading: Option<hylo_benches::steps::LoadTiming>,
     demo: Vec<(String, f64, Option<f64>, f64)>,
-}
-
-fn resnet50_cases(size: usize) -> Vec<LayerCase> {
-    model_layer_cases(
-        |capture| {
-            let m = ImageNetResNetConfig::new(50)
-                .init(capture, &Default::default())
-                .unwrap();
-            (
-                m,
-                Box::new(|m: &_, x| hylo_models::ImageNetResNet::forward(m, x)),
-            )
-        },
-        3,
-        size,
-    )
-}
-
-fn resnet32_cases() -> Vec<LayerCase> {
-    model_layer_cases(
-        |capture| {
-            let m = CifarResNetConfig::new(32)
-                .init(capture, &Default::default())
-                .unwrap();
-            (
-                m,
-                Box::new(|m: &_, x| hylo_models::CifarResNet::forward(m, x)),
-            )
-        },
-        3,
-        32,
-    )
 }
 
 fn ms(s: f64) -> String {
