@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{LinearConfig, PaddingConfig2d};
@@ -17,7 +17,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use hylo_optim::comm::mpi::MpiComm;
-use hylo_optim::comm::{all_reduce_mean, Communicator, Single};
+use hylo_optim::comm::{all_reduce_mean, flatten_params, Communicator, Single};
 use hylo_optim::{
     CaptureHandle, CapturedConv2d, CapturedLinear, CurvatureConfig, DampingConfig, KfacConfig,
     SngdConfig,
@@ -48,22 +48,6 @@ impl<B: Backend> Net<B> {
         let h = relu(self.conv.forward(x));
         let [n, c, hh, ww] = h.dims();
         self.fc.forward(h.reshape([n, c * hh * ww]))
-    }
-}
-
-#[derive(Default)]
-struct Flat(Vec<f32>);
-
-impl<B: Backend> ModuleVisitor<B> for Flat {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.extend(
-            param
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap(),
-        );
     }
 }
 
@@ -136,9 +120,7 @@ fn step(
             .init::<B, Net<B>>()
             .step(0.1, model, grads),
     };
-    let mut flat = Flat::default();
-    model.visit(&mut flat);
-    flat.0
+    flatten_params::<B, _>(&model)
 }
 
 fn main() {

@@ -7,39 +7,20 @@ mod common;
 
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use common::models::{cnn_problem, cross_entropy, Cnn};
 use common::{rel_err, TB};
-use hylo_optim::comm::{all_reduce_mean, Communicator, Single, ThreadGroup};
+use hylo_optim::comm::{all_reduce_mean, flatten_params, Communicator, Single, ThreadGroup};
 use hylo_optim::{
     CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, SngdConfig, StepReport,
     SwitchPolicy,
 };
 
-#[derive(Default)]
-struct Flat(Vec<f32>);
-
-impl<B: Backend> ModuleVisitor<B> for Flat {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.extend(
-            param
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap(),
-        );
-    }
-}
-
 fn weights(model: &Cnn<TB>) -> Vec<f32> {
-    let mut flat = Flat::default();
-    model.visit(&mut flat);
-    flat.0
+    flatten_params::<TB, _>(model)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -125,13 +106,24 @@ fn train(
 }
 
 fn two_workers(kind: Kind, start: &Cnn<TB>, steps: usize) -> Vec<(Vec<f32>, Vec<StepReport>)> {
+    // Each worker loads its own copy of the weights: threads must not share autodiff graph
+    // nodes (Burn 0.21 can deadlock when they do), so no worker sees another's tensors.
+    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(start.clone().into_record(), ())
+        .expect("the record serialises");
     std::thread::scope(|s| {
         let handles: Vec<_> = ThreadGroup::create(2)
             .into_iter()
             .enumerate()
             .map(|(rank, comm)| {
-                let start = start.clone();
-                s.spawn(move || train(kind, &start, rank * 8..rank * 8 + 8, Arc::new(comm), steps))
+                let bytes = bytes.clone();
+                s.spawn(move || {
+                    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+                        .load(bytes, &Default::default())
+                        .expect("the record loads");
+                    let start = Cnn::<TB>::new(4, &CaptureHandle::new()).load_record(record);
+                    train(kind, &start, rank * 8..rank * 8 + 8, Arc::new(comm), steps)
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -88,3 +88,18 @@ fn from_flat<I: Backend, const D: usize>(
         device,
     )
 }
+
+/// Every float parameter of `module`, flattened in visiting order (to compare workers' weights).
+pub fn flatten_params<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<f32> {
+    struct Flat(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Flat {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let values = param.val().into_data().convert::<f32>();
+            self.0
+                .extend(values.to_vec::<f32>().expect("float parameter"));
+        }
+    }
+    let mut flat = Flat(Vec::new());
+    module.visit(&mut flat);
+    flat.0
+}
