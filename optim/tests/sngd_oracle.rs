@@ -3,6 +3,7 @@
 
 mod common;
 
+use burn::module::AutodiffModule;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::optim::GradientsParams;
@@ -19,6 +20,17 @@ fn flat(meta: &LayerMeta, grads: &GradientsParams) -> Vec<f64> {
     to_vec(meta.gradient::<IB>(grads).unwrap())
 }
 
+/// What turns a loss of `layer` into its parameter gradients (collecting captures when armed).
+type ToGradients = Box<dyn Fn(Tensor<TB, 1>) -> GradientsParams>;
+
+fn gradients_of<M: AutodiffModule<TB> + 'static>(
+    layer: &M,
+    capture: &CaptureHandle,
+) -> ToGradients {
+    let (layer, capture) = (layer.clone(), capture.clone());
+    Box::new(move |l: Tensor<TB, 1>| capture.gradients::<TB, _>(l.backward(), &layer))
+}
+
 fn check_against_oracle<F>(
     n: usize,
     meta: LayerMeta,
@@ -27,7 +39,7 @@ fn check_against_oracle<F>(
     loss_of: F,
     mode: ConvMode,
 ) where
-    F: Fn(Option<usize>) -> (Tensor<TB, 1>, Box<dyn Fn(Tensor<TB, 1>) -> GradientsParams>),
+    F: Fn(Option<usize>) -> (Tensor<TB, 1>, ToGradients),
 {
     // Batch pass with capture.
     capture.arm(true);
@@ -90,11 +102,7 @@ fn sngd_linear_matches_dense_fisher() {
         // l_i = sum_k sin(y_ik) * t_ik + 0.5 y_ik^2 (non-quadratic, so g_i varies per sample)
         let per = (y.clone().sin() * t + y.powi_scalar(2) * 0.5).sum_dim(1);
         let loss = per.mean();
-        let layer = layer.clone();
-        let capture = capture.clone();
-        let f: Box<dyn Fn(Tensor<TB, 1>) -> GradientsParams> =
-            Box::new(move |l: Tensor<TB, 1>| capture.gradients::<TB, _>(l.backward(), &layer));
-        (loss, f)
+        (loss, gradients_of(&layer, &capture))
     };
     check_against_oracle(n, meta, &capture, 0.05, loss_of, ConvMode::Exact);
 }
@@ -125,11 +133,7 @@ fn sngd_conv2d_exact_matches_dense_fisher() {
             .reshape([b, c * h * w])
             .sum_dim(1);
         let loss = per.mean();
-        let layer = layer.clone();
-        let capture = capture.clone();
-        let f: Box<dyn Fn(Tensor<TB, 1>) -> GradientsParams> =
-            Box::new(move |l: Tensor<TB, 1>| capture.gradients::<TB, _>(l.backward(), &layer));
-        (loss, f)
+        (loss, gradients_of(&layer, &capture))
     };
     check_against_oracle(n, meta, &capture, 10.0, loss_of, ConvMode::Exact);
 }
@@ -160,11 +164,7 @@ fn sngd_conv2d_same_padding_exact_matches_dense_fisher() {
             .reshape([b, c * h * w])
             .sum_dim(1)
             .mean();
-        let layer = layer.clone();
-        let capture = capture.clone();
-        let f: Box<dyn Fn(Tensor<TB, 1>) -> GradientsParams> =
-            Box::new(move |l: Tensor<TB, 1>| capture.gradients::<TB, _>(l.backward(), &layer));
-        (loss, f)
+        (loss, gradients_of(&layer, &capture))
     };
     check_against_oracle(n, meta, &capture, 0.1, loss_of, ConvMode::Exact);
 }
