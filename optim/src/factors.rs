@@ -112,8 +112,9 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
 
 /// `SpatialMean` rows of a convolution without unfolding: the mean over output positions of the
 /// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid. The sub-grid
-/// sums are separable: one strided row sum per kernel row, then one strided column sum per
-/// kernel offset (no `[n, C k k, L]` intermediate, and k + k^2 small passes instead of k^2 large).
+/// sums are separable: a strided row sum per kernel row ([`kernel_row_sums`], from one pass over
+/// the input), then a strided column sum of that per kernel offset (no `[n, C k k, L]`
+/// intermediate and no padded copy of the input).
 fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) -> PerSampleRows<B> {
     let LayerGeometry::Conv2d {
         kernel,
@@ -127,25 +128,19 @@ fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) ->
         unreachable!("capture input kind always matches its geometry")
     };
     let [n, d_out, positions] = capture.output_grad.dims();
-    let x = zero_padded(x, *padding);
-    let [_, channels, hp, wp] = x.dims();
-    let out_h = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+    let [_, channels, h, w] = x.dims();
+    let [top, bottom, left, right] = *padding;
+    let out_h = (h + top + bottom - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+    let wp = w + left + right;
     let out_w = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
     debug_assert_eq!(out_h * out_w, positions);
-    // Separable: first the sum over output rows for each kernel row u ([n, C, Wp]), then the
-    // sum over output columns for each kernel column v of that ([n, C]).
+    let row_sums = kernel_row_sums(x, top, kernel[0], dilation[0], stride[0], out_h);
     let mut offsets = Vec::with_capacity(kernel[0] * kernel[1]);
-    for u in 0..kernel[0] {
-        let r0 = u * dilation[0];
-        let rows = x
-            .clone()
-            .slice(burn::tensor::s![
-                ..,
-                ..,
-                r0..r0 + (out_h - 1) * stride[0] + 1;stride[0] as isize,
-                ..
-            ])
-            .sum_dim(2);
+    for rows in row_sums {
+        // Zero columns of the padding, on the small [n, C, 1, W] sums only.
+        let rows = rows
+            .reshape([n, channels, 1, w])
+            .pad([(0, 0), (left, right)], PadMode::Constant(0.0));
         for v in 0..kernel[1] {
             let c0 = v * dilation[1];
             let cols = rows.clone().slice(burn::tensor::s![
@@ -167,6 +162,71 @@ fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) ->
     };
     let g = capture.output_grad.clone().mean_dim(2).reshape([n, d_out]) * n as f64;
     PerSampleRows::Kronecker { a, g }
+}
+
+/// For each kernel row u, the sum over output rows of the input row each reads: rows
+/// `u * dilation - top + stride * k` for `k in 0..out_h` that lie inside the input (the others
+/// are zero padding); `[n, C, W]` each.
+///
+/// Those rows are one residue class modulo the stride, cut at both ends. All residue classes
+/// are summed in one pass over the input; each kernel row then subtracts the few rows of its
+/// class outside its range, or sums its rows directly when that is cheaper.
+fn kernel_row_sums<B: Backend>(
+    x: &Tensor<B, 4>,
+    top: usize,
+    kernel_rows: usize,
+    dilation: usize,
+    stride: usize,
+    out_h: usize,
+) -> Vec<Tensor<B, 3>> {
+    let [n, channels, h, w] = x.dims();
+    let row = |r: usize| x.clone().narrow(2, r, 1).reshape([n, channels, w]);
+    // Rows of each residue class, summed: [n, C, stride, W] (zero rows complete the last block).
+    let blocks = h.div_ceil(stride);
+    let extended = if blocks * stride > h {
+        x.clone()
+            .pad([(0, blocks * stride - h), (0, 0)], PadMode::Constant(0.0))
+    } else {
+        x.clone()
+    };
+    let classes = extended
+        .reshape([n, channels, blocks, stride * w])
+        .sum_dim(2)
+        .reshape([n, channels, stride, w]);
+    (0..kernel_rows)
+        .map(|u| {
+            // Input rows read by kernel row u: first..=last in steps of `stride`.
+            let first = (u * dilation) as isize - top as isize;
+            let last = first + (stride * (out_h - 1)) as isize;
+            let class = first.rem_euclid(stride as isize) as usize;
+            let lo = if first >= 0 { first as usize } else { class };
+            let hi = (last.min(h as isize - 1) - class as isize).div_euclid(stride as isize);
+            let hi = class as isize + hi * stride as isize;
+            if hi < lo as isize {
+                return Tensor::zeros([n, channels, w], &x.device());
+            }
+            let hi = hi as usize;
+            let included = (hi - lo) / stride + 1;
+            let in_class: Vec<usize> = (class..h).step_by(stride).collect();
+            let excluded: Vec<usize> = in_class
+                .iter()
+                .copied()
+                .filter(|&r| r < lo || r > hi)
+                .collect();
+            if excluded.len() < included {
+                let all = classes
+                    .clone()
+                    .narrow(2, class, 1)
+                    .reshape([n, channels, w]);
+                excluded.into_iter().fold(all, |sum, r| sum - row(r))
+            } else {
+                x.clone()
+                    .slice(burn::tensor::s![.., .., lo..hi + 1;stride as isize, ..])
+                    .sum_dim(2)
+                    .reshape([n, channels, w])
+            }
+        })
+        .collect()
 }
 
 /// K-FAC factors of one batch: `A = (1/(nL)) sum a a^T` and `G = (1/n) sum g g^T`.
@@ -211,6 +271,11 @@ mod tests {
             ([3, 2], [2, 1], [1, 2], [0, 1, 2, 0], false, [9, 8]),
             ([1, 1], [2, 2], [1, 1], [0, 0, 0, 0], true, [5, 5]),
             ([7, 7], [2, 2], [1, 1], [3, 3, 3, 3], false, [12, 12]),
+            // A stride that does not divide the height, rows cut off at both ends.
+            ([5, 3], [3, 2], [2, 1], [2, 0, 1, 1], true, [13, 10]),
+            ([2, 2], [3, 3], [1, 1], [0, 0, 0, 0], false, [11, 7]),
+            // Kernel rows that read only padding.
+            ([5, 1], [1, 1], [1, 1], [3, 0, 0, 0], false, [2, 3]),
         ] {
             let (n, c, d_out) = (3, 2, 4);
             let geometry = LayerGeometry::Conv2d {
