@@ -4,16 +4,12 @@
 use std::collections::HashMap;
 
 use hylo_benches::comm::{comm_volume, state_memory};
-use hylo_benches::layers::{model_layer_cases, time_layer};
+use hylo_benches::layers::{model_layer_cases, resnet32_cases, time_layer};
 use hylo_models::{Mlp, MlpConfig};
-
-fn resnet32() -> Vec<hylo_benches::LayerCase> {
-    hylo_benches::layers::resnet32_cases()
-}
 
 #[test]
 fn resnet32_cases_cover_its_32_layers() {
-    let cases = resnet32();
+    let cases = resnet32_cases();
     assert_eq!(cases.iter().map(|c| c.count).sum::<usize>(), 32);
     let fc = cases.iter().find(|c| c.shape == "linear 64->10").unwrap();
     assert_eq!((fc.d_in, fc.d_out, fc.count), (65, 10, 1));
@@ -50,7 +46,7 @@ fn communication_and_memory_follow_the_formulas() {
 
 #[test]
 fn a_layer_times_every_method() {
-    let cases = resnet32();
+    let cases = resnet32_cases();
     let mut cache = HashMap::new();
     let t =
         time_layer::<burn::backend::Flex>(&cases[1], 8, 0.25, 1, &mut cache, &Default::default());

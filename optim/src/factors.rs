@@ -114,7 +114,7 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
 /// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid. The sub-grid
 /// sums are separable: a strided row sum per kernel row ([`kernel_row_sums`], from one pass over
 /// the input), then a strided column sum of that per kernel offset (no `[n, C k k, L]`
-/// intermediate and no padded copy of the input).
+/// intermediate; the input is copied only when the stride does not divide its height).
 fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) -> PerSampleRows<B> {
     let LayerGeometry::Conv2d {
         kernel,
@@ -207,10 +207,8 @@ fn kernel_row_sums<B: Backend>(
             }
             let hi = hi as usize;
             let included = (hi - lo) / stride + 1;
-            let in_class: Vec<usize> = (class..h).step_by(stride).collect();
-            let excluded: Vec<usize> = in_class
-                .iter()
-                .copied()
+            let excluded: Vec<usize> = (class..h)
+                .step_by(stride)
                 .filter(|&r| r < lo || r > hi)
                 .collect();
             if excluded.len() < included {

@@ -80,7 +80,6 @@ impl ThreadGroup {
         (0..size)
             .map(|rank| ThreadComm {
                 rank,
-                size,
                 shared: shared.clone(),
             })
             .collect()
@@ -91,7 +90,6 @@ impl ThreadGroup {
 /// a collective that still waits for it panics instead of waiting forever.
 pub struct ThreadComm {
     rank: usize,
-    size: usize,
     shared: Arc<Shared>,
 }
 
@@ -126,7 +124,7 @@ impl Communicator for ThreadComm {
     }
 
     fn size(&self) -> usize {
-        self.size
+        self.shared.size
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) {
