@@ -1,8 +1,11 @@
 //! Epoch order, sharding and batching through Burn's `DataLoader`.
 //!
-//! The loader's background thread assembles each batch while the model trains on the last one;
-//! inside a batch, samples are decoded in parallel (rayon) with per-sample RNGs, so batches are
-//! identical whatever the thread timing: runs resume and shard reproducibly.
+//! The loader's background thread assembles each batch on the host while the model trains on the
+//! last one; the batch becomes device tensors on the thread that iterates the loader (tensors
+//! created on one thread and used on another race in Burn 0.21's GPU backends: a batch's memory
+//! can be reused while the other thread's kernels still read it). Inside a batch, samples are
+//! decoded in parallel (rayon) with per-sample RNGs, so batches are identical whatever the thread
+//! timing: runs resume and shard reproducibly.
 
 use std::sync::Arc;
 
@@ -147,6 +150,11 @@ impl SampleBatcher {
         refs: &[SampleRef],
         device: &B::Device,
     ) -> Result<Batch<B>, DatasetError> {
+        Ok(self.load_host(refs)?.to_device(device))
+    }
+
+    /// Loads `refs` (in parallel) and stacks them on the host.
+    pub fn load_host(&self, refs: &[SampleRef]) -> Result<HostBatch, DatasetError> {
         let samples: Vec<Sample> = refs
             .par_iter()
             .map(|r| {
@@ -156,61 +164,107 @@ impl SampleBatcher {
                 Ok(s)
             })
             .collect::<Result<_, DatasetError>>()?;
-        stack(&samples, refs.iter().map(|r| r.index).collect(), device)
+        HostBatch::stack(&samples, refs.iter().map(|r| r.index).collect())
     }
 }
 
-/// Stacks samples of one shape into a batch.
+/// A batch assembled on the host, not yet on a device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    /// `[n, c, h, w]`.
+    pub shape: [usize; 4],
+    /// Normalised pixels, sample-major.
+    pub pixels: Vec<f32>,
+    /// Class labels (classification), one per sample.
+    pub labels: Option<Vec<i64>>,
+    /// Masks of 0/1, `[n, 1, h, w]` (segmentation).
+    pub masks: Option<Vec<f32>>,
+    /// Source index of each sample.
+    pub indices: Vec<usize>,
+}
+
+impl HostBatch {
+    /// Stacks samples of one shape.
+    pub fn stack(samples: &[Sample], indices: Vec<usize>) -> Result<Self, DatasetError> {
+        let first = samples
+            .first()
+            .ok_or_else(|| DatasetError::Invalid("cannot make an empty batch".into()))?;
+        let [c, h, w] = first.shape();
+        let n = samples.len();
+        let mut pixels = Vec::with_capacity(n * c * h * w);
+        let mut labels = Vec::new();
+        let mut masks = Vec::new();
+        for (s, &index) in samples.iter().zip(&indices) {
+            if s.shape() != [c, h, w] {
+                return Err(DatasetError::Invalid(format!(
+                    "sample {index} has shape {:?}, the batch {:?}",
+                    s.shape(),
+                    [c, h, w]
+                )));
+            }
+            pixels.extend_from_slice(&s.pixels);
+            match &s.target {
+                Target::Class(label) => labels.push(*label as i64),
+                Target::Mask(mask) => masks.extend_from_slice(mask),
+            }
+        }
+        Ok(Self {
+            shape: [n, c, h, w],
+            pixels,
+            labels: (labels.len() == n).then_some(labels),
+            masks: (masks.len() == n * h * w).then_some(masks),
+            indices,
+        })
+    }
+
+    /// The batch as tensors on `device` (call it on the thread that uses them).
+    pub fn to_device<B: Backend>(self, device: &B::Device) -> Batch<B> {
+        let [n, _, h, w] = self.shape;
+        let float = |values: Vec<f32>, shape: [usize; 4]| {
+            Tensor::from_data(
+                TensorData::new(values, shape).convert::<B::FloatElem>(),
+                device,
+            )
+        };
+        Batch {
+            images: float(self.pixels, self.shape),
+            labels: self.labels.map(|labels| {
+                Tensor::from_data(TensorData::new(labels, [n]).convert::<B::IntElem>(), device)
+            }),
+            masks: self.masks.map(|masks| float(masks, [n, 1, h, w])),
+            indices: self.indices,
+        }
+    }
+}
+
+/// Stacks samples of one shape into a batch on `device`.
 pub fn stack<B: Backend>(
     samples: &[Sample],
     indices: Vec<usize>,
     device: &B::Device,
 ) -> Result<Batch<B>, DatasetError> {
-    let first = samples
-        .first()
-        .ok_or_else(|| DatasetError::Invalid("cannot make an empty batch".into()))?;
-    let [c, h, w] = first.shape();
-    let n = samples.len();
-    let mut pixels = Vec::with_capacity(n * c * h * w);
-    let mut labels = Vec::new();
-    let mut masks = Vec::new();
-    for (s, &index) in samples.iter().zip(&indices) {
-        if s.shape() != [c, h, w] {
-            return Err(DatasetError::Invalid(format!(
-                "sample {index} has shape {:?}, the batch {:?}",
-                s.shape(),
-                [c, h, w]
-            )));
-        }
-        pixels.extend_from_slice(&s.pixels);
-        match &s.target {
-            Target::Class(label) => labels.push(*label as i64),
-            Target::Mask(mask) => masks.extend_from_slice(mask),
-        }
-    }
-    let images = Tensor::from_data(
-        TensorData::new(pixels, [n, c, h, w]).convert::<B::FloatElem>(),
-        device,
-    );
-    let labels = (labels.len() == n)
-        .then(|| Tensor::from_data(TensorData::new(labels, [n]).convert::<B::IntElem>(), device));
-    let masks = (masks.len() == n * h * w).then(|| {
-        Tensor::from_data(
-            TensorData::new(masks, [n, 1, h, w]).convert::<B::FloatElem>(),
-            device,
-        )
-    });
-    Ok(Batch {
-        images,
-        labels,
-        masks,
-        indices,
-    })
+    Ok(HostBatch::stack(samples, indices)?.to_device(device))
 }
 
-impl<B: Backend> Batcher<B, SampleRef, Result<Batch<B>, DatasetError>> for SampleBatcher {
-    fn batch(&self, items: Vec<SampleRef>, device: &B::Device) -> Result<Batch<B>, DatasetError> {
-        self.load(&items, device)
+impl<B: Backend> Batcher<B, SampleRef, Result<HostBatch, DatasetError>> for SampleBatcher {
+    fn batch(&self, items: Vec<SampleRef>, _device: &B::Device) -> Result<HostBatch, DatasetError> {
+        self.load_host(&items)
+    }
+}
+
+/// Batches of `order` in batches of `batch_size` on `device`: assembled one batch ahead on a
+/// worker thread (on the host), moved to the device by the thread that iterates.
+pub struct BatchLoader<B: Backend> {
+    inner: Arc<dyn DataLoader<B, Result<HostBatch, DatasetError>>>,
+    device: B::Device,
+}
+
+impl<B: Backend> BatchLoader<B> {
+    /// The batches in order, each moved to the device as it is taken.
+    pub fn iter(&self) -> impl Iterator<Item = Result<Batch<B>, DatasetError>> + '_ {
+        self.inner
+            .iter()
+            .map(|batch| batch.map(|b| b.to_device(&self.device)))
     }
 }
 
@@ -220,10 +274,14 @@ pub fn loader<B: Backend>(
     order: EpochOrder,
     batch_size: usize,
     device: &B::Device,
-) -> Arc<dyn DataLoader<B, Result<Batch<B>, DatasetError>>> {
-    DataLoaderBuilder::new(batcher)
+) -> BatchLoader<B> {
+    let inner = DataLoaderBuilder::new(batcher)
         .batch_size(batch_size)
         .num_workers(1)
         .set_device(device.clone())
-        .build(order)
+        .build(order);
+    BatchLoader {
+        inner,
+        device: device.clone(),
+    }
 }

@@ -13,7 +13,7 @@ pub mod sample;
 pub mod synthetic;
 
 pub use augment::{Augmented, Normalization, RandomCropFlip};
-pub use batcher::{loader, Batch, EpochOrder, SampleBatcher, SampleRef};
+pub use batcher::{loader, Batch, BatchLoader, EpochOrder, HostBatch, SampleBatcher, SampleRef};
 pub use cifar::{CifarDataset, CifarVariant, Split};
 pub use error::DatasetError;
 pub use idx::MnistDataset;

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::backend::Flex;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Args, Parser, Subcommand};
 use hylo_models::{
     build_segmenter, preconditioned_layers, trainable_params, Classifier, ClassifierSpec, ModelName,
@@ -193,6 +194,8 @@ fn train_on<B: AutodiffBackend>(
 ) -> Result<Outcome, String> {
     let data = data::load(args)?;
     let capture = CaptureHandle::new();
+    // Weights are drawn on the CPU from the seed, so every backend starts from the same model.
+    Flex::seed(&Default::default(), args.seed);
     B::seed(device, args.seed);
     let [channels, height, width] = data.shape();
     if model.is_segmenter() {
@@ -201,11 +204,10 @@ fn train_on<B: AutodiffBackend>(
                 "unet needs image sides divisible by 16, the data gives {height}x{width}"
             ));
         }
-        let unet = build_segmenter::<B>(
-            model,
-            channels,
-            args.init_features as usize,
-            &capture,
+        let features = args.init_features as usize;
+        let unet = on_device::<B, _>(
+            build_segmenter::<Flex>(model, channels, features, &capture, &Default::default())?,
+            build_segmenter::<B>(model, channels, features, &capture, device)?,
             device,
         )?;
         train(
@@ -214,11 +216,32 @@ fn train_on<B: AutodiffBackend>(
     } else {
         let mut spec = ClassifierSpec::new(channels, height, data.classes());
         spec.conv_bias = args.conv_bias;
-        let classifier = Classifier::<B>::build(model, &spec, &capture, device)?;
+        let classifier = on_device::<B, _>(
+            Classifier::<Flex>::build(model, &spec, &capture, &Default::default())?,
+            Classifier::<B>::build(model, &spec, &capture, device)?,
+            device,
+        )?;
         train(
             args, command, &data, classifier, &capture, device, resume, workers,
         )
     }
+}
+
+/// `template` (built on `B`'s device) holding the weights of `initial` (drawn on the CPU).
+fn on_device<B: AutodiffBackend, M: burn::module::Module<B>>(
+    initial: impl burn::module::Module<Flex>,
+    template: M,
+    device: &B::Device,
+) -> Result<M, String> {
+    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::new();
+    let bytes = recorder
+        .record(initial.into_record(), ())
+        .map_err(|e| format!("cannot move the initial weights to the device: {e}"))?;
+    let record = recorder
+        .load(bytes, device)
+        .map_err(|e| format!("cannot move the initial weights to the device: {e}"))?;
+    Ok(template.load_record(record))
 }
 
 /// The `info` report: parameter count and the preconditioned layers with their shapes.
