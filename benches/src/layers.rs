@@ -231,9 +231,7 @@ pub fn time_layer<D: Backend>(
         Distribution::Normal(0.0, 1.0),
         device,
     );
-    t.apply_kfac = seconds(repeats.max(3), || {
-        sync(kfac.apply(grad.clone(), damping).unwrap())
-    });
+    t.apply_kfac = seconds(repeats.max(3), || sync(kfac.apply(grad.clone(), damping)));
     let sngd_state = sngd::refresh(per_sample_rows(&capture, mode), damping).unwrap();
     t.apply_sngd = seconds(repeats.max(3), || sync(sngd_state.apply(grad.clone())));
     let kis_state = kis::refresh(per_sample_rows(&capture, mode), damping, rho, 7).unwrap();

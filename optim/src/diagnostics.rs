@@ -1,7 +1,7 @@
 //! The HyLo paper's analyses as library functions: kernel rank, gradient norm, and the error of the
 //! KID and KIS directions against SNGD.
 
-use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::error::CurvatureError;
 use crate::linalg;
@@ -30,8 +30,7 @@ pub fn kernel_rank<B: Backend>(
 
 /// Frobenius norm of a layer gradient.
 pub fn gradient_norm<B: Backend>(grad: &Tensor<B, 2>) -> f64 {
-    let s: f64 = grad.clone().powi_scalar(2).sum().into_scalar().elem();
-    s.sqrt()
+    crate::host::read_scalar(grad.clone().powi_scalar(2).sum()).sqrt()
 }
 
 /// Relative errors ||v - v_SNGD|| / ||v_SNGD|| of KID and KIS at compression `rho`.

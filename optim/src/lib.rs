@@ -10,6 +10,7 @@ pub mod comm;
 pub mod diagnostics;
 pub mod error;
 pub mod factors;
+pub mod host;
 pub mod linalg;
 pub mod optimizer;
 pub mod precond;

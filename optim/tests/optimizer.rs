@@ -236,14 +236,28 @@ fn nan_gradient_leaves_the_weights_untouched() {
             "{name}: {:?}",
             report.non_finite
         );
-        assert_eq!(optim.steps(), 1, "{name}: a skipped step must not count");
-        // Training continues normally afterwards.
+        // The skipped step counts for the schedules (as it does for the training loop), and the
+        // device-side counters saw it.
+        assert_eq!(optim.steps(), 2, "{name}");
+        assert_eq!(optim.skipped_steps(), (1, 1), "{name}");
+        // Training continues normally afterwards, with the momentum the NaN step did not touch.
         let (next, _) = step(after, &mut optim, &capture, 0.1, |m: &Mlp<TB>| {
             cross_entropy(m.forward(x.clone()), y.clone())
         });
         assert!(!optim.last_report().skipped);
         assert_ne!(before, bytes(&next));
+        assert!(
+            next_is_finite(&next),
+            "{name}: NaN leaked into the weights or momentum"
+        );
+        assert_eq!(optim.skipped_steps(), (1, 0), "{name}");
     }
+}
+
+fn next_is_finite(model: &Mlp<TB>) -> bool {
+    hylo_optim::comm::flatten_params::<TB, _>(model)
+        .iter()
+        .all(|v| v.is_finite())
 }
 
 fn train<M, O>(

@@ -1,8 +1,8 @@
 //! Host linear algebra: the only place that talks to faer.
 //!
 //! Every function here takes and returns small dense matrices (n x n, r x r, d x d factors) in f64.
-//! Device tensors cross to the host through [`to_host`] and back through [`to_device`], so the
-//! round trips can be counted and kept off the path of large tensors.
+//! Device tensors cross to the host through [`to_host`] (a counted read, see [`crate::host`]) and
+//! back through [`to_device`], so the round trips stay off the path of large tensors.
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use faer::linalg::solvers::{DenseSolveCore, Solve};
@@ -13,11 +13,7 @@ use crate::error::CurvatureError;
 /// Copies a 2-D device tensor into a host f64 matrix.
 pub fn to_host<B: Backend>(tensor: Tensor<B, 2>) -> Mat<f64> {
     let [rows, cols] = tensor.dims();
-    let values: Vec<f64> = tensor
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .expect("a float tensor converts to f64");
+    let values = crate::host::read_f64(tensor);
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 

@@ -14,17 +14,31 @@
 //!
 //! In burn-train's `Learner`, do the same in `TrainStep::step`: build the `TrainOutput` from
 //! `capture.gradients(loss.backward(), self)`.
+//!
+//! Host round trips: a step that does not refresh curvature reads nothing from the device. The
+//! NaN/Inf guard masks the update with a device-side flag, a non-finite direction is replaced by
+//! the damped identity on the device, and the KL-clipping scale is computed there too; the
+//! [`StepReport`] reads those flags only when asked for. A refresh reads the n x n (SNGD), r x r
+//! (HyLo) or d x d (K-FAC) matrices it factorises on the host.
+//!
+//! Fallbacks: a layer whose curvature refresh fails (non-finite kernel or factors, failed
+//! factorisation) keeps its last good curvature, or uses the damped identity `g / lambda` when it
+//! has none yet; a direction that comes out non-finite is replaced by `g / lambda` for that step.
 
 mod config;
-mod distributed;
+mod guard;
+mod kfac_refresh;
 mod layer_grad;
+mod lowrank_refresh;
 mod record;
 mod refresh;
+mod report;
 mod visitors;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
@@ -32,18 +46,21 @@ use burn::tensor::Tensor;
 pub use config::{CurvatureConfig, HyloConfig, KfacConfig, Method, SngdConfig};
 pub use layer_grad::LayerMeta;
 pub use record::NaturalGradientRecord;
+pub use report::StepReport;
 
 use crate::capture::CaptureHandle;
+use crate::comm::{Communicator, Single};
 use crate::error::ConfigError;
+use crate::host;
 use crate::precond::{HyloMode, KfacState, LowRankState};
-use visitors::{FiniteCheck, MergeGradients, MomentumUpdate, ParamNames};
+use guard::GradientProbes;
+use report::PendingReport;
+use visitors::{MergeGradients, MomentumUpdate, ParamNames};
 
 /// What the optimizer holds for one preconditioned layer.
 #[derive(Clone, Debug)]
 pub enum Curvature<B: burn::tensor::backend::Backend> {
-    /// Nothing usable yet (or the last refresh failed): the plain gradient is used.
-    Empty,
-    /// SNGD, KIS or KID state.
+    /// SNGD, KIS or KID state (or the damped identity when there is no curvature).
     LowRank(LowRankState<B>),
     /// K-FAC factors and eigendecompositions.
     Kfac(KfacState<B>),
@@ -56,29 +73,6 @@ pub struct LayerState<B: burn::tensor::backend::Backend> {
     pub meta: LayerMeta,
     /// Its curvature.
     pub curvature: Curvature<B>,
-}
-
-/// What happened in the last step, for logs and tests.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StepReport {
-    /// The step's index (0-based).
-    pub step: usize,
-    /// Whether curvature was refreshed (or K-FAC factors updated).
-    pub refreshed: bool,
-    /// Whether the whole step was skipped because a gradient held NaN or Inf.
-    pub skipped: bool,
-    /// HyLo's mode at the last refresh.
-    pub mode: Option<HyloMode>,
-    /// The damping in force.
-    pub damping: f64,
-    /// Layers that used the plain gradient this step because of bad curvature: (name, reason).
-    pub fallbacks: Vec<(String, String)>,
-    /// Parameters whose gradients held NaN or Inf (when `skipped`).
-    pub non_finite: Vec<String>,
-    /// The KL-clipping scale applied, when clipping is on.
-    pub kl_scale: Option<f64>,
-    /// Bytes this worker moved for the curvature refresh (zero when not distributed).
-    pub comm: crate::comm::CommBytes,
 }
 
 /// SNGD, K-FAC or HyLo as a Burn optimizer (see the module docs for the training loop).
@@ -94,8 +88,11 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     mode: Option<HyloMode>,
     layers: BTreeMap<u64, LayerState<B::InnerBackend>>,
     momentum: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
-    report: StepReport,
-    comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
+    report: PendingReport<B::InnerBackend>,
+    /// `[skipped steps, consecutive skipped steps]` on the device.
+    skips: Option<Tensor<B::InnerBackend, 1>>,
+    names: Arc<HashMap<ParamId, String>>,
+    comm: Arc<dyn Communicator>,
 }
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
@@ -118,11 +115,25 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             mode: None,
             layers: BTreeMap::new(),
             momentum: BTreeMap::new(),
-            report: StepReport::default(),
-            comm: None,
+            report: PendingReport::known(StepReport::default()),
+            skips: None,
+            names: Arc::default(),
+            comm: Arc::new(Single),
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
+    }
+
+    /// Runs the optimizer's curvature work across the workers of `comm` (data parallel: every
+    /// worker passes its own batch shard and the all-reduced mean gradient to `step`).
+    pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.comm = comm;
+        self
+    }
+
+    /// The communicator (`Single` unless distributed).
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
     }
 
     /// The method this optimizer runs.
@@ -130,7 +141,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         &self.method
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far (skipped steps included).
     pub fn steps(&self) -> usize {
         self.step
     }
@@ -145,9 +156,21 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.mode
     }
 
-    /// What happened in the last step.
+    /// What happened in the last step (the first call after a step reads the step's device-side
+    /// flags: one blocking read).
     pub fn last_report(&self) -> &StepReport {
-        &self.report
+        self.report.resolve()
+    }
+
+    /// `(skipped steps, consecutive skipped steps up to the last one)`; one blocking read.
+    pub fn skipped_steps(&self) -> (u64, u64) {
+        match &self.skips {
+            None => (0, 0),
+            Some(counts) => {
+                let v = host::read_f64(counts.clone());
+                (v[0] as u64, v[1] as u64)
+            }
+        }
     }
 
     /// The preconditioned layers, by weight id.
@@ -160,6 +183,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         step.is_multiple_of(self.config.freq)
     }
 
+    fn name_of(&self, id: &ParamId) -> String {
+        self.names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    }
+
     fn step_inner<M: AutodiffModule<B>>(
         &mut self,
         lr: LearningRate,
@@ -167,39 +197,29 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         mut grads: GradientsParams,
     ) -> M {
         let captures = self.capture.take::<B::InnerBackend>();
-        let mut report = StepReport {
+        let mut probes = GradientProbes::<B>::new(&grads);
+        module.visit(&mut probes);
+        let GradientProbes { ids, probes, .. } = probes;
+        if ids.iter().any(|id| !self.names.contains_key(id)) {
+            let mut visitor = ParamNames::default();
+            module.visit(&mut visitor);
+            self.names = Arc::new(visitor.names);
+        }
+        let probes = (!probes.is_empty()).then(|| Tensor::cat(probes, 0));
+        let apply = probes.as_ref().map(guard::all_finite);
+
+        let mut known = StepReport {
             step: self.step,
             ..StepReport::default()
         };
-
-        if let Some(bad) = non_finite_gradients::<B, M>(&module, &grads) {
-            tracing::warn!(step = self.step, params = ?bad, "NaN or Inf in gradients: step skipped");
-            report.skipped = true;
-            report.non_finite = bad;
-            report.damping = self.damping;
-            report.mode = self.mode;
-            self.report = report;
-            // The step did not happen: ask for the same capture again.
-            self.capture.arm(self.is_curvature_step(self.step));
-            return module;
-        }
-
-        let names = || {
-            let mut visitor = ParamNames::default();
-            module.visit(&mut visitor);
-            visitor.names
-        };
         if !captures.is_empty() {
-            report.refreshed = true;
+            known.refreshed = true;
             let (failures, bytes) = self.refresh(captures, &grads);
-            report.comm = bytes;
-            if !failures.is_empty() {
-                let names = names();
-                for (id, reason) in failures {
-                    let name = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
-                    tracing::warn!(layer = %name, %reason, "curvature refresh failed: plain gradient used");
-                    report.fallbacks.push((name, reason));
-                }
+            known.comm = bytes;
+            for (id, reason) in failures {
+                let name = self.name_of(&id);
+                tracing::warn!(layer = %name, %reason, "curvature refresh failed: last good curvature kept");
+                known.fallbacks.push((name, reason));
             }
         } else if self.is_curvature_step(self.step) {
             tracing::warn!(
@@ -209,16 +229,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             );
         }
 
-        let (failed, kl_scale) = self.precondition(lr, &mut grads);
-        if !failed.is_empty() {
-            let names = names();
-            for id in failed {
-                let name = names.get(&id).cloned().unwrap_or_else(|| id.to_string());
-                tracing::warn!(layer = %name, "non-finite preconditioned direction: plain gradient used");
-                report.fallbacks.push((name, "non-finite direction".into()));
-            }
-        }
-        report.kl_scale = kl_scale;
+        let Preconditioned {
+            layers,
+            inner_products,
+            kl_scale,
+        } = self.precondition(lr, &mut grads);
 
         let mut mapper = MomentumUpdate::<B> {
             directions: &mut grads,
@@ -226,120 +241,96 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             lr,
             momentum: self.config.momentum,
             weight_decay: self.config.weight_decay,
+            apply: apply.clone(),
         };
         let module = module.map(&mut mapper);
+        if let Some(apply) = &apply {
+            self.skips = Some(guard::count_skips(self.skips.take(), apply));
+        }
 
-        report.damping = self.damping;
-        report.mode = self.mode;
-        self.report = report;
+        known.damping = self.damping;
+        known.mode = self.mode;
+        let mut values: Vec<Tensor<B::InnerBackend, 1>> = probes.into_iter().collect();
+        values.extend(inner_products);
+        values.extend(kl_scale.iter().cloned());
+        self.report = PendingReport {
+            known,
+            names: self.names.clone(),
+            params: ids,
+            layers,
+            kl: kl_scale.is_some(),
+            values: (!values.is_empty()).then(|| Tensor::cat(values, 0)),
+            resolved: Default::default(),
+        };
         self.step += 1;
         self.capture.arm(self.is_curvature_step(self.step));
         module
     }
 
-    /// Replaces every preconditioned layer's gradient by its direction; returns the layers whose
-    /// direction was not finite (they keep the plain gradient) and the KL-clipping scale.
+    /// Replaces every preconditioned layer's gradient by its direction, on the device.
     fn precondition(
-        &mut self,
+        &self,
         lr: LearningRate,
         grads: &mut GradientsParams,
-    ) -> (Vec<burn::module::ParamId>, Option<f64>) {
+    ) -> Preconditioned<B::InnerBackend> {
         let mut directions = Vec::new();
         for layer in self.layers.values() {
             let Some(ghat) = layer.meta.gradient::<B::InnerBackend>(grads) else {
                 continue;
             };
-            let direction = match &layer.curvature {
-                Curvature::Empty => None,
-                Curvature::LowRank(state) => Some(state.apply(ghat.clone())),
+            let v = match &layer.curvature {
+                Curvature::LowRank(state) => state.apply(ghat.clone()),
                 Curvature::Kfac(state) => state.apply(ghat.clone(), self.damping),
             };
-            if let Some(v) = direction {
-                let vg = (v.clone() * ghat).sum();
-                directions.push((layer.meta.clone(), v, vg));
-            }
+            let vg = (v.clone() * ghat.clone()).sum();
+            let finite = vg.clone().is_finite();
+            let identity = ghat.clone() / self.damping;
+            let identity_vg = ghat.powi_scalar(2).sum() / self.damping;
+            let v = guard::choose(&finite, v, identity);
+            let effective_vg = guard::choose(&finite, vg.clone(), identity_vg);
+            directions.push((layer.meta.clone(), v, vg, effective_vg));
         }
         if directions.is_empty() {
-            return (Vec::new(), None);
-        }
-        // One host read for every layer: <v, ghat> is NaN exactly when v is not finite.
-        let vg = Tensor::cat(directions.iter().map(|d| d.2.clone()).collect(), 0);
-        let vg: Vec<f64> = vg
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .expect("float tensor");
-        let mut failed = Vec::new();
-        let mut vg_sum = 0.0;
-        for (d, value) in directions.iter().zip(&vg) {
-            if value.is_finite() {
-                vg_sum += value;
-            } else {
-                failed.push(d.0.weight_id);
-            }
+            return Preconditioned {
+                layers: Vec::new(),
+                inner_products: None,
+                kl_scale: None,
+            };
         }
         let kl_scale = self.config.kl_clip.map(|kappa| {
-            let denom = lr * lr * vg_sum.abs();
-            if denom > 0.0 {
-                (kappa / denom).sqrt().min(1.0)
-            } else {
-                1.0
-            }
+            let total = Tensor::cat(directions.iter().map(|d| d.3.clone()).collect(), 0)
+                .sum()
+                .abs();
+            // min(1, sqrt(kappa / (lr^2 sum <v, g>))); a zero sum gives +inf, clamped to 1.
+            (total.recip() * (kappa / (lr * lr))).sqrt().clamp_max(1.0)
         });
-        for ((meta, v, _), value) in directions.into_iter().zip(vg) {
-            if !value.is_finite() {
-                continue;
-            }
-            let v = match kl_scale {
-                Some(scale) if scale < 1.0 => v * scale,
-                _ => v,
+        let inner = Tensor::cat(directions.iter().map(|d| d.2.clone()).collect(), 0);
+        let mut layers = Vec::with_capacity(directions.len());
+        for (meta, v, _, _) in directions {
+            let v = match &kl_scale {
+                Some(scale) => v * scale.clone().reshape([1, 1]),
+                None => v,
             };
+            layers.push(meta.weight_id);
             meta.set_direction(grads, v);
         }
-        (failed, kl_scale)
+        Preconditioned {
+            layers,
+            inner_products: Some(inner),
+            kl_scale,
+        }
     }
 }
 
-/// Names (or ids) of the parameters whose gradients hold NaN or Inf; `None` when all are finite.
-fn non_finite_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
-    module: &M,
-    grads: &GradientsParams,
-) -> Option<Vec<String>> {
-    let mut check = FiniteCheck::<B> {
-        grads,
-        acc: None,
-        list: None,
-    };
-    module.visit(&mut check);
-    let total = check.acc?.into_scalar();
-    if num_traits_is_finite(total) {
-        return None;
-    }
-    let mut slow = FiniteCheck::<B> {
-        grads,
-        acc: None,
-        list: Some(Vec::new()),
-    };
-    module.visit(&mut slow);
-    let mut names = ParamNames::default();
-    module.visit(&mut names);
-    Some(
-        slow.list
-            .unwrap_or_default()
-            .into_iter()
-            .map(|id| {
-                names
-                    .names
-                    .get(&id)
-                    .cloned()
-                    .unwrap_or_else(|| id.to_string())
-            })
-            .collect(),
-    )
-}
-
-fn num_traits_is_finite<E: burn::tensor::ElementConversion>(value: E) -> bool {
-    value.elem::<f64>().is_finite()
+/// What [`NaturalGradient::precondition`] left on the device for the step report.
+struct Preconditioned<B: burn::tensor::backend::Backend> {
+    /// The preconditioned layers (weight ids).
+    layers: Vec<ParamId>,
+    /// `<v, g>` per layer (`[L]`), NaN where the direction was not finite and the damped
+    /// identity was used instead.
+    inner_products: Option<Tensor<B, 1>>,
+    /// The KL-clipping scale (`[1]`).
+    kl_scale: Option<Tensor<B, 1>>,
 }
 
 impl<M, B> Optimizer<M, B> for NaturalGradient<B>

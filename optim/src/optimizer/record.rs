@@ -48,7 +48,8 @@ pub struct LayerRecord<B: Backend> {
     pub bias_id: Option<u64>,
     /// Geometry, encoded by [`encode_geometry`].
     pub geometry: Vec<usize>,
-    /// 0 empty, 1 low-rank Kronecker rows, 2 low-rank dense rows, 3 low-rank without rows, 4 K-FAC.
+    /// 1 low-rank Kronecker rows, 2 low-rank dense rows, 3 low-rank without rows (damped
+    /// identity), 4 K-FAC; 0 (no curvature) is read from earlier versions' records.
     pub kind: u8,
     /// Damping of a low-rank state.
     pub damping: f64,
@@ -116,7 +117,6 @@ pub(super) fn to_record<B: AutodiffBackend>(
         .values()
         .map(|layer| {
             let (kind, damping, d_out, tensors) = match &layer.curvature {
-                Curvature::Empty => (KIND_EMPTY, 0.0, 0, vec![]),
                 Curvature::LowRank(state) => match (&state.rows, &state.m) {
                     (Some(PerSampleRows::Kronecker { a, g }), Some(m)) => (
                         KIND_KRONECKER,
@@ -223,6 +223,8 @@ pub(super) fn load_record<B: AutodiffBackend>(
                 })
             }
             (KIND_IDENTITY, 0) => Curvature::LowRank(LowRankState::identity(layer.damping)),
+            // Written by earlier versions for a layer whose refresh had failed.
+            (KIND_EMPTY, 0) => Curvature::LowRank(LowRankState::identity(record.damping)),
             (KIND_KFAC, 2 | 6) => {
                 let mut it = t.into_iter();
                 let a_factor = it.next().expect("length checked");
@@ -236,7 +238,15 @@ pub(super) fn load_record<B: AutodiffBackend>(
                 }
                 Curvature::Kfac(state)
             }
-            _ => Curvature::Empty,
+            (kind, count) => {
+                tracing::warn!(
+                    weight = layer.weight_id,
+                    kind,
+                    tensors = count,
+                    "unreadable layer state in optimizer record: damped identity until the next refresh"
+                );
+                Curvature::LowRank(LowRankState::identity(record.damping))
+            }
         };
         optim.layers.insert(
             layer.weight_id,

@@ -1,26 +1,34 @@
 //! Curvature refresh: turns the captures of a curvature step into each layer's new state.
+//!
+//! There is one refresh path. A single process runs it with the `Single` communicator, whose
+//! collectives are the identity (and which skips the host packing a real all-gather needs), so
+//! the distributed tests' P = 1 reference checks the code every user runs.
 
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
-use super::distributed::Compression;
+use super::lowrank_refresh::Compression;
 use super::{Curvature, LayerMeta, LayerState, Method, NaturalGradient};
 use crate::capture::LayerCapture;
 use crate::comm::CommBytes;
-use crate::error::CurvatureError;
-use crate::factors::{kfac_factors, per_sample_rows};
-use crate::precond::{kid, kis, sngd, HyloMode, KfacState};
+use crate::host;
+use crate::precond::{HyloMode, LowRankState};
+
+/// Layers whose refresh failed, with the reason.
+pub(super) type Failures = Vec<(ParamId, String)>;
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
-    /// Refreshes the captured layers; returns the layers whose refresh failed (and why).
+    /// Refreshes the captured layers; returns the layers whose refresh failed (they keep their
+    /// last good curvature) and the bytes moved between workers.
     pub(super) fn refresh(
         &mut self,
         captures: Vec<LayerCapture<B::InnerBackend>>,
         grads: &GradientsParams,
-    ) -> (Vec<(ParamId, String)>, CommBytes) {
+    ) -> (Failures, CommBytes) {
         for capture in &captures {
+            let damping = self.damping;
             self.layers
                 .entry(capture.weight_id.val())
                 .or_insert_with(|| LayerState {
@@ -29,22 +37,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                         bias_id: capture.bias_id,
                         geometry: capture.geometry.clone(),
                     },
-                    curvature: Curvature::Empty,
+                    curvature: Curvature::LowRank(LowRankState::identity(damping)),
                 });
         }
+        let comm = self.comm.clone();
         match self.method.clone() {
             Method::Sngd => {
                 self.advance_damping();
-                if let Some(comm) = self.comm.clone() {
-                    return self.refresh_low_rank_distributed(
-                        &captures,
-                        Compression::Full,
-                        comm.as_ref(),
-                    );
-                }
-                let failures = self
-                    .refresh_low_rank(captures, |rows, damping, _| sngd::refresh(rows, damping));
-                (failures, CommBytes::default())
+                self.refresh_low_rank(&captures, Compression::Full, comm.as_ref())
             }
             Method::Hylo { rho, switch, seed } => {
                 self.advance_damping();
@@ -52,31 +52,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 let mode = switch.mode(self.step, norm, self.last_grad_norm);
                 self.last_grad_norm = Some(norm);
                 self.mode = Some(mode);
-                let step = self.step as u64;
-                if let Some(comm) = self.comm.clone() {
-                    let compression = match mode {
-                        HyloMode::Kid => Compression::Kid { rho },
-                        HyloMode::Kis => Compression::Kis {
-                            rho,
-                            seed: mix_seed(seed, step, 0),
-                        },
-                    };
-                    return self.refresh_low_rank_distributed(
-                        &captures,
-                        compression,
-                        comm.as_ref(),
-                    );
-                }
-                let failures = self.refresh_low_rank(captures, move |rows, damping, index| {
-                    let r = kis::kept_rows(rho, rows.len());
-                    match mode {
-                        HyloMode::Kid => kid::refresh(rows, damping, r),
-                        HyloMode::Kis => {
-                            kis::refresh(rows, damping, rho, mix_seed(seed, step, index))
-                        }
-                    }
-                });
-                (failures, CommBytes::default())
+                let compression = match mode {
+                    HyloMode::Kid => Compression::Kid { rho },
+                    HyloMode::Kis => Compression::Kis { rho, seed },
+                };
+                self.refresh_low_rank(&captures, compression, comm.as_ref())
             }
             Method::Kfac {
                 inverse_every,
@@ -86,36 +66,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 if invert {
                     self.advance_damping();
                 }
-                if let Some(comm) = self.comm.clone() {
-                    return self.refresh_kfac_distributed(
-                        &captures,
-                        factor_decay,
-                        invert,
-                        comm.as_ref(),
-                    );
-                }
-                let mut failures = Vec::new();
-                for capture in &captures {
-                    let layer = self
-                        .layers
-                        .get_mut(&capture.weight_id.val())
-                        .expect("registered above");
-                    let (a_new, g_new) = kfac_factors(capture);
-                    let mut state = match std::mem::replace(&mut layer.curvature, Curvature::Empty)
-                    {
-                        Curvature::Kfac(mut state) => {
-                            state.update_factors(a_new, g_new, factor_decay);
-                            state
-                        }
-                        _ => KfacState::new(a_new, g_new),
-                    };
-                    let needs_inverse = invert || state.a_eigen.is_none();
-                    match needs_inverse.then(|| state.update_inverses()).transpose() {
-                        Ok(_) => layer.curvature = Curvature::Kfac(state),
-                        Err(e) => failures.push((capture.weight_id, e.to_string())),
-                    }
-                }
-                (failures, CommBytes::default())
+                self.refresh_kfac(&captures, factor_decay, invert, comm.as_ref())
             }
         }
     }
@@ -123,36 +74,6 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     fn advance_damping(&mut self) {
         self.damping = self.config.damping.value_after(self.refreshes);
         self.refreshes += 1;
-    }
-
-    fn refresh_low_rank<F>(
-        &mut self,
-        captures: Vec<LayerCapture<B::InnerBackend>>,
-        build: F,
-    ) -> Vec<(ParamId, String)>
-    where
-        F: Fn(
-            crate::rows::PerSampleRows<B::InnerBackend>,
-            f64,
-            u64,
-        ) -> Result<crate::precond::LowRankState<B::InnerBackend>, CurvatureError>,
-    {
-        let mut failures = Vec::new();
-        for (index, capture) in captures.iter().enumerate() {
-            let rows = per_sample_rows(capture, self.config.conv_mode);
-            let layer = self
-                .layers
-                .get_mut(&capture.weight_id.val())
-                .expect("registered before refresh");
-            match build(rows, self.damping, index as u64) {
-                Ok(state) => layer.curvature = Curvature::LowRank(state),
-                Err(e) => {
-                    layer.curvature = Curvature::Empty;
-                    failures.push((capture.weight_id, e.to_string()));
-                }
-            }
-        }
-        failures
     }
 }
 
@@ -171,17 +92,16 @@ fn gradient_norm<B: AutodiffBackend>(
     if squares.is_empty() {
         return 0.0;
     }
-    let total: f64 = Tensor::cat(squares, 0).sum().into_scalar().elem();
-    total.sqrt()
+    host::read_scalar(Tensor::cat(squares, 0).sum()).sqrt()
 }
 
-/// A seed for one layer's KIS draw at one step (SplitMix64 of the three numbers).
-fn mix_seed(seed: u64, step: u64, layer: u64) -> u64 {
-    let mut z =
-        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ layer.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+/// A seed for one KIS draw: SplitMix64 of the run's seed, the step, the layer and the worker.
+pub(super) fn mix_seed(seed: u64, step: u64, layer: u64, rank: u64) -> u64 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ layer.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ rank.wrapping_mul(0x94D0_49BB_1331_11EB);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
-
-use burn::tensor::ElementConversion;

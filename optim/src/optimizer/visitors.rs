@@ -1,11 +1,14 @@
-//! Module visitors and mappers of the optimizer: names, the NaN guard, and the SGD-momentum update.
+//! Module visitors and mappers of the optimizer: names, gradient merging, and the SGD-momentum
+//! update.
 
 use std::collections::{BTreeMap, HashMap};
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, MultiGradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{Bool, Tensor};
+
+use super::guard;
 
 /// Dotted module paths of every float parameter, for messages.
 #[derive(Default)]
@@ -35,33 +38,6 @@ impl<B: Backend> ModuleVisitor<B> for ParamNames {
     }
 }
 
-/// Sums `0 * g` over every gradient: NaN exactly when some gradient holds NaN or Inf.
-pub struct FiniteCheck<'a, B: AutodiffBackend> {
-    pub grads: &'a GradientsParams,
-    pub acc: Option<Tensor<B::InnerBackend, 1>>,
-    /// With `list`, the ids of non-finite gradients are collected (slow path, one sync each).
-    pub list: Option<Vec<ParamId>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for FiniteCheck<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else {
-            return;
-        };
-        let probe = (g * 0.0).sum();
-        if let Some(list) = &mut self.list {
-            if !probe.into_scalar().elem::<f64>().is_finite() {
-                list.push(param.id);
-            }
-        } else {
-            self.acc = Some(match self.acc.take() {
-                Some(acc) => acc + probe,
-                None => probe,
-            });
-        }
-    }
-}
-
 /// Collects per-device gradients into one `GradientsParams` (for `step_multi`).
 pub struct MergeGradients<'a> {
     pub multi: &'a mut MultiGradientsParams,
@@ -76,13 +52,15 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for MergeGradients<'_> {
     }
 }
 
-/// `d = dir + wd p; buf = m buf + d; p -= lr buf` for every parameter with a direction.
+/// `d = dir + wd p; buf = m buf + d; p -= lr buf` for every parameter with a direction; where
+/// `apply` is false (on the device) weights and buffers keep their values.
 pub struct MomentumUpdate<'a, B: AutodiffBackend> {
     pub directions: &'a mut GradientsParams,
     pub buffers: &'a mut BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
+    pub apply: Option<Tensor<B::InnerBackend, 1, Bool>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
@@ -100,11 +78,18 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
             d = d + value.clone() * self.weight_decay;
         }
         let d = d.reshape([numel]);
-        let buf = match self.buffers.remove(&id.val()) {
-            Some(buf) if self.momentum != 0.0 => buf * self.momentum + d,
+        let old = self.buffers.remove(&id.val());
+        let buf = match &old {
+            Some(buf) if self.momentum != 0.0 => buf.clone() * self.momentum + d,
             _ => d,
         };
-        let updated = value - buf.clone().reshape(dims) * self.lr;
+        let mut updated = value.clone() - buf.clone().reshape(dims) * self.lr;
+        let mut buf = buf;
+        if let Some(apply) = &self.apply {
+            updated = guard::choose(apply, updated, value);
+            let old = old.unwrap_or_else(|| buf.zeros_like());
+            buf = guard::choose(apply, buf, old);
+        }
         if self.momentum != 0.0 {
             self.buffers.insert(id.val(), buf);
         }

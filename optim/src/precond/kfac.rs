@@ -33,9 +33,45 @@ impl<B: Backend> KfacState<B> {
     }
 
     /// Folds new batch factors into the running averages: `F <- decay F + (1 - decay) F_new`.
+    ///
+    /// Decided on the device, without a host read: a new factor holding NaN or Inf is ignored
+    /// (the running average is kept), and a running average that is not finite is replaced by
+    /// the new factor.
     pub fn update_factors(&mut self, a_new: Tensor<B, 2>, g_new: Tensor<B, 2>, decay: f64) {
-        self.a_factor = self.a_factor.clone() * decay + a_new * (1.0 - decay);
-        self.g_factor = self.g_factor.clone() * decay + g_new * (1.0 - decay);
+        self.a_factor = running_average(self.a_factor.clone(), a_new, decay);
+        self.g_factor = running_average(self.g_factor.clone(), g_new, decay);
+    }
+
+    /// Whether an eigendecomposition is available.
+    pub fn has_eigen(&self) -> bool {
+        self.a_eigen.is_some() && self.g_eigen.is_some()
+    }
+
+    /// The eigendecompositions as one host buffer `[Q_A, d_A, Q_G, d_G]` (to broadcast).
+    pub fn eigen_to_host(&self) -> Vec<f32> {
+        let (Some((qa, da)), Some((qg, dg))) = (&self.a_eigen, &self.g_eigen) else {
+            return Vec::new();
+        };
+        [qa, da, qg, dg]
+            .into_iter()
+            .flat_map(|t| crate::host::read_f32(t.clone()))
+            .collect()
+    }
+
+    /// Sets the eigendecompositions from a buffer written by [`KfacState::eigen_to_host`].
+    pub fn eigen_from_host(&mut self, buf: &[f32], da: usize, dg: usize) {
+        let device = self.a_factor.device();
+        let t = |v: &[f32], shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(
+                burn::tensor::TensorData::new(v.to_vec(), shape).convert::<B::FloatElem>(),
+                &device,
+            )
+        };
+        let (qa, rest) = buf.split_at(da * da);
+        let (ea, rest) = rest.split_at(da);
+        let (qg, eg) = rest.split_at(dg * dg);
+        self.a_eigen = Some((t(qa, [da, da]), t(ea, [1, da])));
+        self.g_eigen = Some((t(qg, [dg, dg]), t(eg, [dg, 1])));
     }
 
     /// Recomputes both eigendecompositions on the host.
@@ -57,13 +93,31 @@ impl<B: Backend> KfacState<B> {
         Ok(())
     }
 
-    /// The preconditioned direction for a gradient `[d_out, d_in']`; `None` before the first
-    /// eigendecomposition.
-    pub fn apply(&self, grad: Tensor<B, 2>, damping: f64) -> Option<Tensor<B, 2>> {
-        let (q_a, d_a) = self.a_eigen.as_ref()?;
-        let (q_g, d_g) = self.g_eigen.as_ref()?;
+    /// The preconditioned direction for a gradient `[d_out, d_in']`; the damped identity
+    /// `grad / damping` before the first successful eigendecomposition.
+    pub fn apply(&self, grad: Tensor<B, 2>, damping: f64) -> Tensor<B, 2> {
+        let (Some((q_a, d_a)), Some((q_g, d_g))) = (&self.a_eigen, &self.g_eigen) else {
+            return grad / damping;
+        };
         let rotated = q_g.clone().transpose().matmul(grad).matmul(q_a.clone());
         let scaled = rotated / (d_g.clone().matmul(d_a.clone()) + damping);
-        Some(q_g.clone().matmul(scaled).matmul(q_a.clone().transpose()))
+        q_g.clone().matmul(scaled).matmul(q_a.clone().transpose())
     }
+}
+
+/// `decay old + (1 - decay) new`, keeping `old` where `new` is not finite and taking `new` where
+/// `old` is not (decided on the device).
+fn running_average<B: Backend>(old: Tensor<B, 2>, new: Tensor<B, 2>, decay: f64) -> Tensor<B, 2> {
+    let dims = old.dims();
+    let flag = |t: &Tensor<B, 2>| {
+        (t.clone() * 0.0)
+            .sum()
+            .is_finite()
+            .reshape([1, 1])
+            .expand(dims)
+    };
+    let (old_ok, new_ok) = (flag(&old), flag(&new));
+    let blended = old.clone() * decay + new.clone() * (1.0 - decay);
+    let fresh = old.clone().mask_where(new_ok.clone(), new);
+    fresh.mask_where(old_ok.bool_and(new_ok), blended)
 }

@@ -2,7 +2,8 @@
 //!
 //! Keeps r = max(1, ceil(rho n)) rows sampled without replacement with probability proportional to
 //! K_ii = |a_i|^2 |g_i|^2 (rows of zero weight are never chosen), then applies SNGD to them with
-//! n := r (no reweighting, as in the paper).
+//! n := r (no reweighting, as in the paper), also when fewer than r rows had weight: with rho = 1
+//! KIS is SNGD, zero-gradient samples included.
 
 use burn::tensor::backend::Backend;
 use rand::rngs::StdRng;
@@ -52,13 +53,9 @@ pub fn refresh<B: Backend>(
     if n == 0 {
         return Ok(LowRankState::identity(damping));
     }
-    let weights: Vec<f64> = rows
-        .squared_norms()
-        .into_data()
-        .convert::<f64>()
-        .to_vec::<f64>()
-        .expect("float tensor");
-    let indices = sample_indices(&weights, kept_rows(rho, n), seed);
+    let weights = crate::host::read_f64(rows.squared_norms());
+    let r = kept_rows(rho, n);
+    let indices = sample_indices(&weights, r, seed);
     if indices.is_empty() {
         return Ok(LowRankState::identity(damping));
     }
@@ -67,5 +64,5 @@ pub fn refresh<B: Backend>(
     } else {
         rows.select(&indices)
     };
-    sngd::refresh(kept, damping)
+    sngd::refresh_normalised(kept, damping, r)
 }

@@ -19,7 +19,17 @@ pub fn refresh<B: Backend>(
     damping: f64,
 ) -> Result<LowRankState<B>, CurvatureError> {
     let n = rows.len();
-    if n == 0 {
+    refresh_normalised(rows, damping, n)
+}
+
+/// The SNGD formula on `rows` with the sample count `n` of `(K + n lambda I)^-1` given
+/// explicitly (KIS uses n := r even when fewer than r rows had weight).
+pub fn refresh_normalised<B: Backend>(
+    rows: PerSampleRows<B>,
+    damping: f64,
+    n: usize,
+) -> Result<LowRankState<B>, CurvatureError> {
+    if rows.is_empty() {
         return Ok(LowRankState::identity(damping));
     }
     let kernel = linalg::to_host(rows.kernel());
