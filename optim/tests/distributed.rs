@@ -150,7 +150,8 @@ fn one_step_on_two_shards_equals_one_process_on_their_union() {
         let moved = weights(&record);
         assert!(
             rel_err(&to64(&moved), &to64(&single)) > 1e-4,
-            "{kind:?}: the step changed nothing"
+            "{kind:?}: the step changed nothing ({})",
+            rel_err(&to64(&moved), &to64(&single))
         );
     }
 }

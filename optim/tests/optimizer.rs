@@ -26,6 +26,7 @@ fn bytes<M: Module<TB>>(model: &M) -> Vec<u8> {
 fn wrappers_match_plain_layers_in_output_and_gradient() {
     let capture = CaptureHandle::new();
     let dev = device();
+    let rng = rng_lock();
     // Burn initialises parameters lazily: materialise them before cloning.
     let linear = LinearConfig::new(5, 4).init::<TB>(&dev);
     let linear = linear.clone().load_record(linear.into_record());
@@ -35,6 +36,7 @@ fn wrappers_match_plain_layers_in_output_and_gradient() {
         .init::<TB>(&dev);
     let conv = conv.clone().load_record(conv.into_record());
     let wrapped_conv = CapturedConv2d::new(conv.clone(), &capture).unwrap();
+    drop(rng);
     let x = tensor::<TB, 3>(1, [2, 3, 5]);
     let img = tensor::<TB, 4>(2, [2, 2, 5, 5]);
     for armed in [false, true] {
@@ -81,6 +83,7 @@ fn wrappers_match_plain_layers_in_output_and_gradient() {
 #[test]
 fn grouped_convolution_is_a_clear_error() {
     let capture = CaptureHandle::new();
+    let _rng = rng_lock();
     let conv = Conv2dConfig::new([4, 4], [3, 3])
         .with_groups(2)
         .init::<TB>(&device());

@@ -164,11 +164,27 @@ pub struct TrainArgs {
     /// LGG: fraction of patients held out for validation.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
+    /// Steps between reads of the training metrics from the device (progress, skip checks).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Stop with an error after this many consecutive steps skipped for NaN or Inf gradients.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(default = "default_max_consecutive_skips")]
+    pub max_consecutive_skips: u64,
     /// Data-parallel training over MPI (`mpirun -np P hylo-train ... --distributed`; needs the
     /// `mpi` feature). --batch-size is the global batch, split evenly over the ranks.
     #[arg(long)]
     #[serde(default)]
     pub distributed: bool,
+}
+
+fn default_log_every() -> u64 {
+    20
+}
+
+fn default_max_consecutive_skips() -> u64 {
+    20
 }
 
 impl TrainArgs {

@@ -128,11 +128,12 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         }
     }
 
-    /// Whether the last step was skipped (non-finite gradient or curvature).
-    pub fn last_step_skipped(&self) -> bool {
+    /// `(skipped updates, consecutive skipped updates up to the last step)`: NaN or Inf in the
+    /// gradients (SNGD, K-FAC, HyLo; Burn's SGD and Adam do not check). One blocking read.
+    pub fn skipped_steps(&self) -> (u64, u64) {
         match self {
-            Self::Natural(o) => o.last_report().skipped,
-            _ => false,
+            Self::Natural(o) => o.skipped_steps(),
+            _ => (0, 0),
         }
     }
 

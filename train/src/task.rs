@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{Int, Tensor};
 use hylo_datasets::Batch;
 use hylo_models::{Classifier, UNet};
 
@@ -45,40 +45,120 @@ impl Tally {
     }
 }
 
+/// Per-batch metrics kept on the device until the training loop logs: reading them is one
+/// blocking host read for all the batches since the last flush.
+pub struct PendingTally<B: Backend> {
+    values: Vec<Tensor<B, 1>>,
+    parts: Vec<Part>,
+}
+
+/// What one pending batch contributes.
+enum Part {
+    /// `[loss * n, correct]`.
+    Class { samples: u64 },
+    /// `[loss * n, intersection per sample (n), total per sample (n)]`.
+    Dice { keys: Vec<String> },
+}
+
+impl<B: Backend> Default for PendingTally<B> {
+    fn default() -> Self {
+        Self {
+            values: Vec::new(),
+            parts: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> PendingTally<B> {
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn push_class(&mut self, loss: Tensor<B, 1>, correct: Tensor<B, 1>, samples: usize) {
+        self.values
+            .push(Tensor::cat(vec![loss * samples as f64, correct], 0));
+        self.parts.push(Part::Class {
+            samples: samples as u64,
+        });
+    }
+
+    fn push_dice(
+        &mut self,
+        loss: Tensor<B, 1>,
+        intersection: Tensor<B, 1>,
+        total: Tensor<B, 1>,
+        keys: Vec<String>,
+    ) {
+        let n = keys.len() as f64;
+        self.values
+            .push(Tensor::cat(vec![loss * n, intersection, total], 0));
+        self.parts.push(Part::Dice { keys });
+    }
+
+    /// Adds everything pending to `tally` (one blocking read) and empties the queue.
+    pub fn flush(&mut self, tally: &mut Tally) {
+        if self.parts.is_empty() {
+            return;
+        }
+        let values = hylo_optim::host::read_f64(Tensor::cat(std::mem::take(&mut self.values), 0));
+        let mut at = 0;
+        for part in std::mem::take(&mut self.parts) {
+            match part {
+                Part::Class { samples } => {
+                    tally.loss_sum += values[at];
+                    tally.correct += values[at + 1].round() as u64;
+                    tally.samples += samples;
+                    at += 2;
+                }
+                Part::Dice { keys } => {
+                    let n = keys.len();
+                    tally.loss_sum += values[at];
+                    for (i, key) in keys.into_iter().enumerate() {
+                        let entry = tally.dice.entry(key).or_insert((0.0, 0.0));
+                        entry.0 += 2.0 * values[at + 1 + i];
+                        entry.1 += values[at + 1 + n + i];
+                    }
+                    tally.samples += n as u64;
+                    at += 1 + 2 * n;
+                }
+            }
+        }
+    }
+}
+
 /// A model the trainer can fit: its loss on a batch and its score on validation batches.
 pub trait TrainModel<B: AutodiffBackend>: AutodiffModule<B> {
     /// Whether the score is a Dice coefficient (else an accuracy).
     const SEGMENTS: bool;
 
-    /// Mean loss of the batch; `tally` gets the batch's loss and score counts.
-    fn loss(&self, batch: Batch<B>, tally: &mut Tally) -> Tensor<B, 1>;
+    /// Mean loss of the batch; the batch's loss and score counts are queued in `pending`.
+    fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1>;
 
-    /// Adds a validation batch to `tally` (no autodiff).
+    /// Queues a validation batch's counts in `pending` (no autodiff).
     fn evaluate(
         model: &Self::InnerModule,
         batch: Batch<B::InnerBackend>,
         volume_of: Option<&VolumeOf>,
-        tally: &mut Tally,
+        pending: &mut PendingTally<B::InnerBackend>,
     );
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem::<f64>()
-}
-
-fn classification_tally<B: Backend>(
+fn classification_counts<B: Backend>(
     logits: Tensor<B, 2>,
-    batch: &Batch<B>,
-    loss: f64,
-    tally: &mut Tally,
-) -> Option<()> {
-    let labels = batch.labels.clone()?;
+    labels: Tensor<B, 1, Int>,
+    loss: Tensor<B, 1>,
+    pending: &mut PendingTally<B>,
+) {
     let n = labels.dims()[0];
-    let correct = logits.argmax(1).reshape([n]).equal(labels).int().sum();
-    tally.correct += correct.into_scalar().elem::<i64>() as u64;
-    tally.samples += n as u64;
-    tally.loss_sum += loss * n as f64;
-    Some(())
+    let correct = logits
+        .argmax(1)
+        .reshape([n])
+        .equal(labels)
+        .int()
+        .sum()
+        .float();
+    pending.push_class(loss, correct, n);
 }
 
 fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, batch: &Batch<B>) -> Tensor<B, 1> {
@@ -94,11 +174,16 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, batch: &Batch<B>) -> Tensor<B
 impl<B: AutodiffBackend> TrainModel<B> for Classifier<B> {
     const SEGMENTS: bool = false;
 
-    fn loss(&self, batch: Batch<B>, tally: &mut Tally) -> Tensor<B, 1> {
+    fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1> {
         let logits = self.forward(batch.images.clone());
         let loss = cross_entropy(logits.clone(), &batch);
-        let value = scalar(loss.clone().detach());
-        classification_tally(logits.detach(), &batch, value, tally);
+        let labels = batch.labels.expect("classification batches carry labels");
+        classification_counts(
+            logits.inner(),
+            labels.inner(),
+            loss.clone().inner(),
+            pending,
+        );
         loss
     }
 
@@ -106,11 +191,12 @@ impl<B: AutodiffBackend> TrainModel<B> for Classifier<B> {
         model: &Classifier<B::InnerBackend>,
         batch: Batch<B::InnerBackend>,
         _: Option<&VolumeOf>,
-        tally: &mut Tally,
+        pending: &mut PendingTally<B::InnerBackend>,
     ) {
         let logits = model.forward(batch.images.clone());
-        let loss = scalar(cross_entropy(logits.clone(), &batch));
-        classification_tally(logits, &batch, loss, tally);
+        let loss = cross_entropy(logits.clone(), &batch);
+        let labels = batch.labels.expect("classification batches carry labels");
+        classification_counts(logits, labels, loss, pending);
     }
 }
 
@@ -121,57 +207,47 @@ pub fn dice_loss<B: Backend>(probs: Tensor<B, 4>, masks: Tensor<B, 4>) -> Tensor
     (intersection * 2.0 + 1.0).div(total + 1.0).neg() + 1.0
 }
 
-fn dice_tally<B: Backend>(
+fn dice_counts<B: Backend>(
     probs: Tensor<B, 4>,
-    batch: &Batch<B>,
-    loss: f64,
+    masks: Tensor<B, 4>,
+    indices: &[usize],
+    loss: Tensor<B, 1>,
     volume_of: Option<&VolumeOf>,
-    tally: &mut Tally,
+    pending: &mut PendingTally<B>,
 ) {
-    let masks = batch
-        .masks
-        .clone()
-        .expect("segmentation batches carry masks");
     let [n, _, h, w] = masks.dims();
     let predicted = probs.greater_elem(0.5).float().reshape([n, h * w]);
     let masks = masks.reshape([n, h * w]);
-    let inter: Vec<f64> = (predicted.clone() * masks.clone())
-        .sum_dim(1)
-        .into_data()
-        .convert::<f64>()
-        .to_vec()
-        .unwrap();
-    let total: Vec<f64> = (predicted + masks)
-        .sum_dim(1)
-        .into_data()
-        .convert::<f64>()
-        .to_vec()
-        .unwrap();
-    for (i, &index) in batch.indices.iter().enumerate() {
-        let key = match volume_of {
+    let intersection = (predicted.clone() * masks.clone()).sum_dim(1).reshape([n]);
+    let total = (predicted + masks).sum_dim(1).reshape([n]);
+    let keys = indices
+        .iter()
+        .map(|&index| match volume_of {
             Some(f) => f(index),
             None => format!("{index:08}"),
-        };
-        let entry = tally.dice.entry(key).or_insert((0.0, 0.0));
-        entry.0 += 2.0 * inter[i];
-        entry.1 += total[i];
-    }
-    tally.samples += n as u64;
-    tally.loss_sum += loss * n as f64;
+        })
+        .collect();
+    pending.push_dice(loss, intersection, total, keys);
 }
 
 impl<B: AutodiffBackend> TrainModel<B> for UNet<B> {
     const SEGMENTS: bool = true;
 
-    fn loss(&self, batch: Batch<B>, tally: &mut Tally) -> Tensor<B, 1> {
+    fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1> {
         let probs = self.forward(batch.images.clone());
         let masks = batch
             .masks
             .clone()
             .expect("segmentation batches carry masks");
-        let loss = dice_loss(probs.clone(), masks);
-        let value = scalar(loss.clone().detach());
-        dice_tally(probs.detach(), &batch, value, None, tally);
+        let loss = dice_loss(probs.clone(), masks.clone());
+        dice_counts(
+            probs.inner(),
+            masks.inner(),
+            &batch.indices,
+            loss.clone().inner(),
+            None,
+            pending,
+        );
         loss
     }
 
@@ -179,14 +255,14 @@ impl<B: AutodiffBackend> TrainModel<B> for UNet<B> {
         model: &UNet<B::InnerBackend>,
         batch: Batch<B::InnerBackend>,
         volume_of: Option<&VolumeOf>,
-        tally: &mut Tally,
+        pending: &mut PendingTally<B::InnerBackend>,
     ) {
         let probs = model.forward(batch.images.clone());
         let masks = batch
             .masks
             .clone()
             .expect("segmentation batches carry masks");
-        let loss = scalar(dice_loss(probs.clone(), masks));
-        dice_tally(probs, &batch, loss, volume_of, tally);
+        let loss = dice_loss(probs.clone(), masks.clone());
+        dice_counts(probs, masks, &batch.indices, loss, volume_of, pending);
     }
 }

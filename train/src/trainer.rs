@@ -15,7 +15,7 @@ use crate::cli::TrainArgs;
 use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
 use crate::output::{self, MetricsRow, RunState};
-use crate::task::{Tally, TrainModel};
+use crate::task::{PendingTally, Tally, TrainModel};
 use crate::workers::Workers;
 use hylo_optim::comm::all_reduce_mean;
 
@@ -149,6 +149,11 @@ where
     let wall = |started: &Instant| wall_before + started.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     let mut lr = schedule.rate_at(state.global_step as usize);
+    let mut pending = PendingTally::<B::InnerBackend>::default();
+    let mut skips = SkipWatch {
+        seen: optim.skipped_steps().0,
+        limit: args.max_consecutive_skips,
+    };
     while state.epoch < args.epochs {
         let order = EpochOrder::sharded(
             train_len,
@@ -166,16 +171,10 @@ where
         for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
             let batch = batch.map_err(|e| e.to_string())?;
             lr = schedule.rate_at(state.global_step as usize);
-            let loss = model.loss(batch, &mut state.train);
+            let loss = model.loss(batch, &mut pending);
             let grads = capture.gradients(loss.backward(), &model);
             let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &model, workers.comm.as_ref());
             model = optim.step(lr, model, grads);
-            if optim.last_step_skipped() {
-                log(&format!(
-                    "step {}: non-finite gradient or curvature, step skipped",
-                    state.global_step
-                ));
-            }
             if let Some(bytes) = optim.refresh_bytes().filter(|_| workers.distributed()) {
                 log(&format!(
                     "refresh at step {}: all-gather {} B, broadcast {} B, all-reduce {} B \
@@ -186,12 +185,6 @@ where
             state.global_step += 1;
             state.step_in_epoch += 1;
             step_bar.inc(1);
-            step_bar.set_message(format!(
-                "loss {:.4} {} {:.3}",
-                state.train.loss(),
-                if M::SEGMENTS { "dice" } else { "acc" },
-                state.train.score()
-            ));
             let local_stop = if INTERRUPTED.load(Ordering::SeqCst) {
                 Some(Stop::Interrupted)
             } else if args.max_steps.is_some_and(|m| state.global_step >= m) {
@@ -207,8 +200,21 @@ where
                 (true, None) => Some(Stop::Interrupted),
                 (false, _) => None,
             };
+            // Metrics and the skip counters are read from the device only here (every
+            // --log-every steps, at the end of an epoch and on a stop).
+            let epoch_done = state.step_in_epoch as usize == spe;
+            if stop.is_some() || epoch_done || state.global_step % args.log_every.max(1) == 0 {
+                pending.flush(&mut state.train);
+                step_bar.set_message(format!(
+                    "loss {:.4} {} {:.3}",
+                    state.train.loss(),
+                    if M::SEGMENTS { "dice" } else { "acc" },
+                    state.train.score()
+                ));
+                skips.check(&optim, state.global_step, &log)?;
+            }
             if let Some(stop) = stop {
-                if state.step_in_epoch as usize == spe {
+                if epoch_done {
                     // The epoch is complete: finish it normally first.
                     let row = epoch_end.run(&model, &optim, &mut state, lr, wall(&started))?;
                     rows.push(row);
@@ -259,6 +265,41 @@ where
         rows,
         final_val: (val.loss(), val.score()),
     })
+}
+
+/// Skipped updates (NaN or Inf in the gradients), read at the loop's log points: logs new ones
+/// and stops the run after `limit` consecutive skips.
+struct SkipWatch {
+    seen: u64,
+    limit: u64,
+}
+
+impl SkipWatch {
+    fn check<M: AutodiffModule<B>, B: AutodiffBackend>(
+        &mut self,
+        optim: &AnyOptimizer<M, B>,
+        step: u64,
+        log: &impl Fn(&str),
+    ) -> Result<(), String> {
+        let (total, consecutive) = optim.skipped_steps();
+        if total > self.seen {
+            log(&format!(
+                "{} update(s) skipped up to step {step} (NaN or Inf in the gradients; weights \
+                 and momentum kept), {total} in all",
+                total - self.seen
+            ));
+            self.seen = total;
+        }
+        if consecutive >= self.limit {
+            return Err(format!(
+                "the last {consecutive} steps (up to step {step}) all had NaN or Inf in their \
+                 gradients and were skipped (--max-consecutive-skips {}): training stopped; the \
+                 last checkpoint is kept as it was (try a lower --lr or a higher --damping)",
+                self.limit
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What the end of an epoch needs besides the model and the optimizer.
@@ -359,7 +400,7 @@ fn agree<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(())
 }
 
-/// Loss and score of `model` on the validation set.
+/// Loss and score of `model` on the validation set (one host read at the end).
 pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
     data: &DataSources,
     batcher: &SampleBatcher,
@@ -368,14 +409,16 @@ pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
     device: &B::Device,
 ) -> Tally {
     let valid = model.valid();
-    let mut tally = Tally::default();
+    let mut pending = PendingTally::default();
     let order = EpochOrder::new(data.val.len(), batch_size, 0, 0, false, false);
     for batch in loader::<B::InnerBackend>(batcher.clone(), order, batch_size, device).iter() {
         match batch {
-            Ok(batch) => M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut tally),
+            Ok(batch) => M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut pending),
             Err(e) => tracing::error!("validation batch skipped: {e}"),
         }
     }
+    let mut tally = Tally::default();
+    pending.flush(&mut tally);
     tally
 }
 

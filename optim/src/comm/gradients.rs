@@ -1,4 +1,4 @@
-//! Data-parallel gradient averaging: one all-reduce of every gradient of a model.
+//! Data-parallel gradient averaging: all-reduces of every gradient of a model, in flat buckets.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -6,9 +6,17 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
 use super::Communicator;
+use crate::host;
+
+/// Gradients are moved in buckets of at most this many values (100 MB of f32), each one host
+/// read and one all-reduce: a few round trips per step, not one per tensor.
+pub const BUCKET_VALUES: usize = 25 << 20;
 
 /// Replaces every gradient of `model` in `grads` by its mean over the workers; returns the bytes
 /// all-reduced. Every worker must hold gradients for the same parameters.
+///
+/// The gradients are flattened and concatenated on the device into buckets of up to
+/// [`BUCKET_VALUES`] values; each bucket is read once, all-reduced, and written back once.
 pub fn all_reduce_mean<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: GradientsParams,
     model: &M,
@@ -17,76 +25,76 @@ pub fn all_reduce_mean<B: AutodiffBackend, M: AutodiffModule<B>>(
     if comm.size() == 1 {
         return (grads, 0);
     }
-    let mut pack = Pack::<B> {
+    let mut collect = Collect::<B> {
         grads,
-        flat: Vec::new(),
         entries: Vec::new(),
-        cursor: 0,
-        phase: Phase::Gather,
-        backend: std::marker::PhantomData,
     };
-    model.visit(&mut pack);
-    comm.all_reduce_sum(&mut pack.flat);
+    model.visit(&mut collect);
+    let Collect { mut grads, entries } = collect;
     let scale = 1.0 / comm.size() as f32;
-    for v in &mut pack.flat {
-        *v *= scale;
-    }
-    let bytes = 4 * pack.flat.len() as u64;
-    pack.phase = Phase::Scatter;
-    model.visit(&mut pack);
-    (pack.grads, bytes)
-}
-
-enum Phase {
-    Gather,
-    Scatter,
-}
-
-struct Pack<B: AutodiffBackend> {
-    grads: GradientsParams,
-    flat: Vec<f32>,
-    entries: Vec<(usize, usize)>,
-    cursor: usize,
-    phase: Phase,
-    backend: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Pack<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        match self.phase {
-            Phase::Gather => {
-                if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                    let values = g
-                        .into_data()
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .expect("float gradient");
-                    self.entries.push((self.flat.len(), values.len()));
-                    self.flat.extend(values);
-                }
-            }
-            Phase::Scatter => {
-                if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                    let (start, len) = self.entries[self.cursor];
-                    self.cursor += 1;
-                    let values = &self.flat[start..start + len];
-                    let mean = from_flat::<B::InnerBackend, D>(values, g.shape(), &g.device());
-                    self.grads.register(param.id, mean);
-                }
-            }
+    let mut bytes = 0;
+    let mut start = 0;
+    while start < entries.len() {
+        // One bucket: consecutive gradients up to BUCKET_VALUES values (at least one).
+        let mut end = start + 1;
+        let mut len = entries[start].flat.dims()[0];
+        while end < entries.len() && len + entries[end].flat.dims()[0] <= BUCKET_VALUES {
+            len += entries[end].flat.dims()[0];
+            end += 1;
         }
+        let bucket = &entries[start..end];
+        let device = bucket[0].flat.device();
+        let flat = Tensor::cat(bucket.iter().map(|e| e.flat.clone()).collect(), 0);
+        let mut values = host::read_f32(flat);
+        comm.all_reduce_sum(&mut values);
+        values.iter_mut().for_each(|v| *v *= scale);
+        bytes += 4 * values.len() as u64;
+        let mean = upload::<B::InnerBackend>(values, &device);
+        let mut at = 0;
+        for entry in bucket {
+            let n = entry.flat.dims()[0];
+            (entry.register)(&mut grads, mean.clone().narrow(0, at, n));
+            at += n;
+        }
+        start = end;
     }
+    (grads, bytes)
 }
 
-fn from_flat<I: Backend, const D: usize>(
-    values: &[f32],
-    shape: burn::tensor::Shape,
-    device: &I::Device,
-) -> Tensor<I, D> {
+fn upload<I: Backend>(values: Vec<f32>, device: &I::Device) -> Tensor<I, 1> {
+    let len = values.len();
     Tensor::from_data(
-        TensorData::new(values.to_vec(), shape).convert::<I::FloatElem>(),
+        TensorData::new(values, [len]).convert::<I::FloatElem>(),
         device,
     )
+}
+
+type Register<I> = Box<dyn Fn(&mut GradientsParams, Tensor<I, 1>)>;
+
+/// One gradient, flattened, and how to put a flat tensor back in its place.
+struct Entry<I: Backend> {
+    flat: Tensor<I, 1>,
+    register: Register<I>,
+}
+
+struct Collect<B: AutodiffBackend> {
+    grads: GradientsParams,
+    entries: Vec<Entry<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let shape = g.shape();
+            let id = param.id;
+            self.entries.push(Entry {
+                flat: g.reshape([shape.num_elements()]),
+                register: Box::new(move |grads, flat| {
+                    grads.register::<B::InnerBackend, D>(id, flat.reshape(shape.clone()))
+                }),
+            });
+        }
+    }
 }
 
 /// Every float parameter of `module`, flattened in visiting order (to compare workers' weights).

@@ -10,6 +10,13 @@ pub mod models;
 pub type TB = Autodiff<Flex>;
 pub type IB = Flex;
 
+/// Held while a test seeds Burn's global RNG and draws from it: tests run in parallel threads of
+/// one process, and an unguarded draw in between would change the weights a seed gives.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn device() -> burn::tensor::Device<TB> {
     Default::default()
 }

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use hylo_optim::capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
 
-use super::{values, TB};
+use super::{rng_lock, values, TB};
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -22,11 +22,13 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn new(d_in: usize, hidden: usize, classes: usize, capture: &CaptureHandle) -> Self {
         let device = Default::default();
+        let _rng = rng_lock();
         B::seed(&device, 7);
-        Self {
+        let model = Self {
             l1: CapturedLinear::from_config(&LinearConfig::new(d_in, hidden), capture, &device),
             l2: CapturedLinear::from_config(&LinearConfig::new(hidden, classes), capture, &device),
-        }
+        };
+        materialised(model)
     }
 
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -44,9 +46,10 @@ pub struct Cnn<B: Backend> {
 impl<B: Backend> Cnn<B> {
     pub fn new(classes: usize, capture: &CaptureHandle) -> Self {
         let device = Default::default();
+        let _rng = rng_lock();
         B::seed(&device, 11);
         let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
-        Self {
+        let model = Self {
             c1: CapturedConv2d::from_config(
                 &Conv2dConfig::new([1, 6], [3, 3]).with_padding(same.clone()),
                 capture,
@@ -66,7 +69,8 @@ impl<B: Backend> Cnn<B> {
                 capture,
                 &device,
             ),
-        }
+        };
+        materialised(model)
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -74,6 +78,12 @@ impl<B: Backend> Cnn<B> {
         let [n, c, hh, ww] = h.dims();
         self.fc.forward(h.reshape([n, c * hh * ww]))
     }
+}
+
+/// `model` with its lazily initialised parameters drawn now (while the caller holds the RNG).
+pub fn materialised<B: Backend, M: Module<B>>(model: M) -> M {
+    let record = model.clone().into_record();
+    model.load_record(record)
 }
 
 /// An ill-conditioned linear-teacher classification problem: features scaled over three decades.
