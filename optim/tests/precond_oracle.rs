@@ -186,6 +186,31 @@ fn kis_with_rho_one_equals_sngd() {
 }
 
 #[test]
+fn kis_with_rho_one_equals_sngd_when_some_samples_have_zero_gradient() {
+    // Samples 2 and 5 have an exactly zero output gradient: they have no weight, so KIS keeps 8
+    // of the 10 rows, but normalises by r = 10 as SNGD does by n.
+    let n = 10;
+    let a = tensor::<IB, 2>(74, [n, 4]);
+    let mut g = values(75, n * 3);
+    for i in [2, 5] {
+        g[i * 3..i * 3 + 3].iter_mut().for_each(|v| *v = 0.0);
+    }
+    let rows = PerSampleRows::Kronecker {
+        a,
+        g: Tensor::from_data(
+            burn::tensor::TensorData::new(g, [n, 3]),
+            &Default::default(),
+        ),
+    };
+    let ghat = tensor::<IB, 2>(76, [3, 4]);
+    let state = kis::refresh(rows.clone(), 0.1, 1.0, 7).unwrap();
+    assert_eq!(state.rank(), 8);
+    let v = to_vec(state.apply(ghat.clone()));
+    let err = rel_err(&v, &sngd_direction(&rows, &ghat, 0.1));
+    assert!(err <= 1e-4, "KIS rho = 1 with zero-gradient samples: {err}");
+}
+
+#[test]
 fn kis_equals_sngd_on_the_sampled_rows() {
     let rows = kron_rows(20, 4, 3, 72);
     let ghat = tensor::<IB, 2>(73, [3, 4]);
