@@ -49,10 +49,10 @@ fn steps_between_refreshes_read_nothing_from_the_device() {
         .with_curvature(cfg.clone())
         .init(&capture)
         .unwrap();
-    // SNGD: one n x n kernel per layer at a refresh.
+    // SNGD: the gradients' NaN flag, then one n x n kernel per layer at a refresh.
     assert_eq!(
         reads_per_step(&mut sngd, &capture, 7),
-        vec![layers, 0, 0, layers, 0, 0, layers]
+        vec![1 + layers, 0, 0, 1 + layers, 0, 0, 1 + layers]
     );
     for (switch, per_layer) in [(SwitchPolicy::Kis, 2), (SwitchPolicy::Kid, 2)] {
         let capture = CaptureHandle::new();
@@ -62,9 +62,9 @@ fn steps_between_refreshes_read_nothing_from_the_device() {
             .with_switch(switch.clone())
             .init(&capture)
             .unwrap();
-        // HyLo: the gradient norm, then per layer KIS's sampling weights or KID's local kernel,
-        // and the kernel of the kept rows.
-        let refresh = 1 + per_layer * layers;
+        // HyLo: the NaN flag, the gradient norm, then per layer KIS's sampling weights or KID's
+        // local kernel, and the kernel of the kept rows.
+        let refresh = 2 + per_layer * layers;
         assert_eq!(
             reads_per_step(&mut hylo, &capture, 4),
             vec![refresh, 0, 0, refresh],
@@ -77,10 +77,11 @@ fn steps_between_refreshes_read_nothing_from_the_device() {
         .with_inverse_every(6)
         .init(&capture)
         .unwrap();
-    // K-FAC: factors stay on the device; an inversion reads both factors of every layer.
+    // K-FAC: the NaN flag at every factor update; factors stay on the device, and an
+    // inversion reads both factors of every layer.
     assert_eq!(
         reads_per_step(&mut kfac, &capture, 7),
-        vec![2 * layers, 0, 0, 0, 0, 0, 2 * layers]
+        vec![1 + 2 * layers, 0, 0, 1, 0, 0, 1 + 2 * layers]
     );
     // Reading the report is a separate, single read.
     let before = host::reads();
@@ -154,55 +155,94 @@ fn a_non_finite_direction_falls_back_to_the_damped_identity() {
     assert!(report.fallbacks[0].0.contains("l1"), "{report:?}");
 }
 
-#[test]
-fn a_failed_refresh_keeps_the_last_good_curvature() {
-    let (x, y) = mlp_problem(16, 6, 3);
-    let poisoned = x
-        .clone()
-        .slice_assign([0..1, 0..1], Tensor::from_floats([[f32::NAN]], &device()));
-    let capture = CaptureHandle::new();
-    for (name, mut optim) in [
+/// The tensors of layer `weight` in the optimizer's record.
+fn layer_state(o: &NaturalGradient<TB>, weight: u64) -> Vec<Vec<f64>> {
+    Optimizer::<Mlp<TB>, TB>::to_record(o)
+        .layers
+        .into_iter()
+        .filter(|l| l.weight_id == weight)
+        .flat_map(|l| l.tensors.into_iter().map(to_vec))
+        .collect()
+}
+
+/// SNGD and K-FAC, each with its own capture handle.
+fn sngd_and_kfac() -> Vec<(&'static str, NaturalGradient<TB>, CaptureHandle)> {
+    let (a, b) = (CaptureHandle::new(), CaptureHandle::new());
+    vec![
         (
             "sngd",
             SngdConfig::new()
                 .with_curvature(config(2))
-                .init::<TB>(&capture)
+                .init::<TB>(&a)
                 .unwrap(),
+            a,
         ),
         (
             "kfac",
             KfacConfig::new()
                 .with_curvature(config(2))
                 .with_inverse_every(2)
-                .init::<TB>(&capture)
+                .init::<TB>(&b)
                 .unwrap(),
+            b,
         ),
-    ] {
+    ]
+}
+
+#[test]
+fn a_nan_batch_on_a_curvature_step_leaves_the_curvature_alone() {
+    let (x, y) = mlp_problem(16, 6, 3);
+    let poisoned = x
+        .clone()
+        .slice_assign([0..1, 0..1], Tensor::from_floats([[f32::NAN]], &device()));
+    for (name, mut optim, capture) in sngd_and_kfac() {
         let good = |m: &Mlp<TB>| cross_entropy(m.forward(x.clone()), y.clone());
         let bad = |m: &Mlp<TB>| cross_entropy(m.forward(poisoned.clone()), y.clone());
         let mut model = Mlp::<TB>::new(6, 8, 3, &capture);
         for _ in 0..2 {
             model = step(model, &mut optim, &capture, 0.1, good).0;
         }
-        let l1 = model.l1.inner.weight.id.val();
-        let curvature = |o: &NaturalGradient<TB>| -> Vec<Vec<f64>> {
-            Optimizer::<Mlp<TB>, TB>::to_record(o)
-                .layers
-                .into_iter()
-                .filter(|l| l.weight_id == l1)
-                .flat_map(|l| l.tensors.into_iter().map(to_vec))
-                .collect()
-        };
-        let kept = curvature(&optim);
+        let ids = [
+            model.l1.inner.weight.id.val(),
+            model.l2.inner.weight.id.val(),
+        ];
+        let kept: Vec<_> = ids.iter().map(|&id| layer_state(&optim, id)).collect();
+        let damping = optim.damping();
         let before = weights(&model);
-        // Step 2 refreshes on a batch whose first input feature is NaN: the first layer's
-        // curvature data holds it, and its refresh fails.
+        // Step 2 is a curvature step, on a batch holding a NaN: nothing changes.
         model = step(model, &mut optim, &capture, 0.1, bad).0;
         let report = optim.last_report().clone();
-        assert!(report.refreshed && report.skipped, "{name}: {report:?}");
+        assert!(report.skipped && !report.refreshed, "{name}: {report:?}");
+        assert_eq!(weights(&model), before, "{name}");
+        let now: Vec<_> = ids.iter().map(|&id| layer_state(&optim, id)).collect();
+        assert_eq!(now, kept, "{name}: the curvature changed");
+        assert_eq!(optim.damping(), damping, "{name}");
+        // The next good step trains with it.
+        model = step(model, &mut optim, &capture, 0.1, good).0;
+        assert_ne!(weights(&model), before, "{name}");
+        assert!(weights(&model).iter().all(|v| v.is_finite()), "{name}");
+    }
+}
+
+#[test]
+fn a_failed_refresh_keeps_the_last_good_curvature() {
+    let (x, y) = mlp_problem(16, 6, 3);
+    // Inputs of 1e20: the gradients stay finite (the loss saturates) but the first layer's
+    // kernel (SNGD) or input factor (K-FAC) overflows f32, so its refresh fails.
+    let huge = x.clone() * 1e20;
+    for (name, mut optim, capture) in sngd_and_kfac() {
+        let good = |m: &Mlp<TB>| cross_entropy(m.forward(x.clone()), y.clone());
+        let overflow = |m: &Mlp<TB>| cross_entropy(m.forward(huge.clone()), y.clone());
+        let mut model = Mlp::<TB>::new(6, 8, 3, &capture);
+        for _ in 0..2 {
+            model = step(model, &mut optim, &capture, 0.01, good).0;
+        }
+        let l1 = model.l1.inner.weight.id.val();
+        let kept = layer_state(&optim, l1);
+        model = step(model, &mut optim, &capture, 1e-30, overflow).0;
+        let report = optim.last_report().clone();
+        assert!(report.refreshed && !report.skipped, "{name}: {report:?}");
         if name == "sngd" {
-            // (K-FAC ignores the NaN factors on the device and decomposes its running averages,
-            // which succeeds: nothing falls back.)
             assert!(
                 report
                     .fallbacks
@@ -210,21 +250,16 @@ fn a_failed_refresh_keeps_the_last_good_curvature() {
                     .any(|(layer, _)| layer.contains("l1")),
                 "{name}: {report:?}"
             );
-        }
-        assert_eq!(weights(&model), before, "{name}");
-        let after = curvature(&optim);
-        if name == "sngd" {
-            assert_eq!(after, kept, "{name}: the curvature changed");
+            assert_eq!(
+                layer_state(&optim, l1),
+                kept,
+                "{name}: l1's curvature changed"
+            );
         } else {
-            // K-FAC: the NaN input factor A was not folded into its running average (the output
-            // gradients stayed finite, so G was) and everything stays finite.
-            assert_eq!(after[0], kept[0], "{name}: A took the NaN factor");
-            assert_ne!(after[1], kept[1], "{name}: G should have been updated");
-            assert!(after.iter().flatten().all(|v| v.is_finite()), "{name}");
+            // K-FAC folds nothing non-finite into the running average of A: the
+            // eigendecomposition of the kept average succeeds.
+            assert_eq!(layer_state(&optim, l1)[0], kept[0], "{name}: A took Inf");
         }
-        // The next good step trains with it.
-        model = step(model, &mut optim, &capture, 0.1, good).0;
-        assert_ne!(weights(&model), before, "{name}");
         assert!(weights(&model).iter().all(|v| v.is_finite()), "{name}");
     }
 }
@@ -304,4 +339,86 @@ fn kl_clipping_bounds_the_update() {
     let (w, _, loose) = run(Some(1e6));
     assert_eq!(loose, Some(1.0));
     assert_eq!(w, v);
+}
+
+#[derive(Module, Debug)]
+struct BnNet<B: burn::tensor::backend::Backend> {
+    conv: hylo_optim::CapturedConv2d<B>,
+    bn: burn::nn::BatchNorm<B>,
+    fc: hylo_optim::CapturedLinear<B>,
+}
+
+impl BnNet<TB> {
+    fn new(capture: &CaptureHandle) -> Self {
+        let _rng = rng_lock();
+        let dev = device();
+        <TB as burn::tensor::backend::Backend>::seed(&dev, 5);
+        materialised(Self {
+            conv: hylo_optim::CapturedConv2d::from_config(
+                &burn::nn::conv::Conv2dConfig::new([1, 4], [3, 3])
+                    .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1)),
+                capture,
+                &dev,
+            )
+            .unwrap(),
+            bn: burn::nn::BatchNormConfig::new(4).init(&dev),
+            fc: hylo_optim::CapturedLinear::from_config(
+                &burn::nn::LinearConfig::new(4 * 64, 4),
+                capture,
+                &dev,
+            ),
+        })
+    }
+
+    fn forward(&self, x: Tensor<TB, 4>) -> Tensor<TB, 2> {
+        let h = burn::tensor::activation::relu(self.bn.forward(self.conv.forward(x)));
+        let [n, c, hh, ww] = h.dims();
+        self.fc.forward(h.reshape([n, c * hh * ww]))
+    }
+}
+
+/// Every float of the model's record, BatchNorm statistics included (a record synchronises them).
+fn everything(model: &BnNet<TB>) -> Vec<f64> {
+    let bytes = burn::record::BinBytesRecorder::<burn::record::FullPrecisionSettings>::new();
+    let saved =
+        burn::record::Recorder::<TB>::record(&bytes, model.clone().into_record(), ()).unwrap();
+    let copy = BnNet::new(&CaptureHandle::new())
+        .load_record(burn::record::Recorder::<TB>::load(&bytes, saved, &device()).unwrap());
+    let mut out = weights(&copy);
+    out.extend(to_vec(copy.bn.running_mean.value()));
+    out.extend(to_vec(copy.bn.running_var.value()));
+    out
+}
+
+#[test]
+fn a_skipped_step_also_undoes_the_batch_norm_statistics() {
+    let (x, y) = cnn_problem(16);
+    let poisoned = x.clone().slice_assign(
+        [0..1, 0..1, 0..1, 0..1],
+        Tensor::full([1, 1, 1, 1], f32::NAN, &device()),
+    );
+    let capture = CaptureHandle::new();
+    let mut optim = SngdConfig::new()
+        .with_curvature(config(2))
+        .init::<TB>(&capture)
+        .unwrap();
+    let good = |m: &BnNet<TB>| cross_entropy(m.forward(x.clone()), y.clone());
+    let bad = |m: &BnNet<TB>| cross_entropy(m.forward(poisoned.clone()), y.clone());
+    let mut model = BnNet::new(&capture);
+    for _ in 0..3 {
+        model = step(model, &mut optim, &capture, 0.1, good).0;
+    }
+    let before = everything(&model);
+    assert!(before.iter().all(|v| v.is_finite()));
+    // A plain step (3) and a refresh step (4) on the poisoned batch.
+    for _ in 0..2 {
+        model = step(model, &mut optim, &capture, 0.1, bad).0;
+        assert!(optim.last_report().skipped);
+        let now = everything(&model);
+        assert_eq!(now, before, "the NaN batch left a trace");
+    }
+    model = step(model, &mut optim, &capture, 0.1, good).0;
+    let after = everything(&model);
+    assert_ne!(after, before);
+    assert!(after.iter().all(|v| v.is_finite()));
 }

@@ -125,9 +125,10 @@ pub fn table(results: &[DemoResult], target: f64) -> String {
 
 /// The `demo` command: runs, prints the table, names the plot.
 pub fn run_cli(demo: &DemoArgs) -> Result<(), String> {
+    let device = crate::device::describe(demo.device.parse()?)?;
     println!(
-        "demo: small CNN on the synthetic set, {:.0} s per optimizer (SGD, K-FAC, HyLo) on {}",
-        demo.budget, demo.device
+        "demo: small CNN on the synthetic set, {:.0} s per optimizer (SGD, K-FAC, HyLo) on {device}",
+        demo.budget
     );
     let results = run(demo)?;
     print!("{}", table(&results, demo.target));

@@ -50,6 +50,83 @@ pub fn not_compiled(device: DeviceArg, feature: &str) -> String {
     )
 }
 
+/// The WGPU adapter this process computes on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgpuAdapter {
+    /// Adapter name (`llvmpipe (LLVM 15.0.6, 256 bits)` for Mesa's lavapipe).
+    pub name: String,
+    /// Driver and its version.
+    pub driver: String,
+    /// Graphics API (`Vulkan`, `Metal`, ...).
+    pub api: String,
+    /// A software rasteriser running on the CPU (lavapipe, WARP, SwiftShader): its timings are
+    /// CPU-emulated, not GPU figures.
+    pub software: bool,
+}
+
+impl fmt::Display for WgpuAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, {})", self.name, self.api, self.driver)?;
+        if self.software {
+            f.write_str(
+                " [software rasteriser on the CPU: times are CPU-emulated, not GPU figures]",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Initialises Burn's default WGPU device once per process and says which adapter it got; an
+/// error (not a panic) when the machine has no usable adapter.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapter() -> Result<WgpuAdapter, String> {
+    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, RuntimeOptions, WgpuDevice};
+    static ADAPTER: std::sync::OnceLock<Result<WgpuAdapter, String>> = std::sync::OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            let setup = std::panic::catch_unwind(|| {
+                init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
+            })
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                format!(
+                    "no WGPU adapter could be opened ({why}); on Linux without a GPU install \
+                     Mesa's software Vulkan driver: apt-get install mesa-vulkan-drivers libvulkan1"
+                )
+            })?;
+            let info = setup.adapter.get_info();
+            let kind = format!("{:?}", info.device_type);
+            Ok(WgpuAdapter {
+                name: info.name,
+                driver: format!("{} {}", info.driver, info.driver_info)
+                    .trim()
+                    .to_string(),
+                api: format!("{:?}", info.backend),
+                software: kind == "Cpu",
+            })
+        })
+        .clone()
+}
+
+/// What computes for `device`: the backend and, for WGPU, the adapter (which it initialises).
+pub fn describe(device: DeviceArg) -> Result<String, String> {
+    match device {
+        DeviceArg::Cpu => Ok("cpu: Burn's Flex backend".into()),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => Ok(format!("wgpu: {}", wgpu_adapter()?)),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda(n) => Ok(format!("cuda:{n}: Burn's CUDA backend")),
+        #[allow(unreachable_patterns)]
+        d @ DeviceArg::Wgpu => Err(not_compiled(d, "wgpu")),
+        #[allow(unreachable_patterns)]
+        d @ DeviceArg::Cuda(_) => Err(not_compiled(d, "cuda")),
+    }
+}
+
 /// Runs `$body` with `$B` bound to the autodiff backend of `$device` and `$dev` to its device;
 /// a backend not compiled in is an error naming the feature.
 #[macro_export]
@@ -63,11 +140,14 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(feature = "wgpu")]
-            DeviceArg::Wgpu => {
-                type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
-                let $dev = Default::default();
-                $body
-            }
+            DeviceArg::Wgpu => match $crate::device::wgpu_adapter() {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                    let $dev = Default::default();
+                    $body
+                }
+            },
             #[cfg(feature = "cuda")]
             DeviceArg::Cuda(index) => {
                 type $B = burn::backend::Autodiff<burn::backend::Cuda>;

@@ -109,6 +109,10 @@ where
         }
         (model, RunState::default())
     };
+    log(&format!(
+        "device {}",
+        crate::device::describe(args.device()?)?
+    ));
     if workers.distributed() {
         log(&format!(
             "data parallel over {size} ranks: local batch {local_batch} of {batch_size}"

@@ -19,7 +19,11 @@
 //! NaN/Inf guard masks the update with a device-side flag, a non-finite direction is replaced by
 //! the damped identity on the device, and the KL-clipping scale is computed there too; the
 //! [`StepReport`] reads those flags only when asked for. A refresh reads the n x n (SNGD), r x r
-//! (HyLo) or d x d (K-FAC) matrices it factorises on the host.
+//! (HyLo) or d x d (K-FAC) matrices it factorises on the host, and the gradients' NaN flag.
+//!
+//! A step whose gradients hold NaN or Inf leaves no trace: weights, momentum, the BatchNorm
+//! statistics its forward pass updated and (on a curvature step) the curvature stay as they were;
+//! the step still counts for the schedules.
 //!
 //! Fallbacks: a layer whose curvature refresh fails (non-finite kernel or factors, failed
 //! factorisation) keeps its last good curvature, or uses the damped identity `g / lambda` when it
@@ -88,6 +92,9 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     mode: Option<HyloMode>,
     layers: BTreeMap<u64, LayerState<B::InnerBackend>>,
     momentum: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
+    /// Floats without a gradient (BatchNorm statistics) after the last step, to undo a skipped
+    /// step's forward-pass updates.
+    stateful: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     report: PendingReport<B::InnerBackend>,
     /// `[skipped steps, consecutive skipped steps]` on the device.
     skips: Option<Tensor<B::InnerBackend, 1>>,
@@ -115,6 +122,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             mode: None,
             layers: BTreeMap::new(),
             momentum: BTreeMap::new(),
+            stateful: BTreeMap::new(),
             report: PendingReport::known(StepReport::default()),
             skips: None,
             names: Arc::default(),
@@ -212,7 +220,19 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             step: self.step,
             ..StepReport::default()
         };
-        if !captures.is_empty() {
+        // A refresh reads its matrices from the device anyway: it also reads the gradient flag,
+        // and does not refresh from a batch whose gradients hold NaN or Inf (the step is skipped
+        // and leaves no trace, in the curvature either).
+        let poisoned = !captures.is_empty()
+            && probes
+                .as_ref()
+                .is_some_and(|p| !host::read_scalar(p.clone().sum()).is_finite());
+        if poisoned {
+            tracing::warn!(
+                step = self.step,
+                "NaN or Inf in the gradients: curvature refresh and update skipped"
+            );
+        } else if !captures.is_empty() {
             known.refreshed = true;
             let (failures, bytes) = self.refresh(captures, &grads);
             known.comm = bytes;
@@ -235,9 +255,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             kl_scale,
         } = self.precondition(lr, &mut grads);
 
+        // Burn's RunningState (BatchNorm statistics) keeps the forward pass's update pending until
+        // it is synchronised: a record synchronises it, so the mapper sees the updated value.
+        let _ = module.clone().into_record();
         let mut mapper = MomentumUpdate::<B> {
             directions: &mut grads,
             buffers: &mut self.momentum,
+            stateful: &mut self.stateful,
             lr,
             momentum: self.config.momentum,
             weight_decay: self.config.weight_decay,

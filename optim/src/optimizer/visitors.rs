@@ -53,10 +53,14 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for MergeGradients<'_> {
 }
 
 /// `d = dir + wd p; buf = m buf + d; p -= lr buf` for every parameter with a direction; where
-/// `apply` is false (on the device) weights and buffers keep their values.
+/// `apply` is false (on the device) weights and buffers keep their values, and every float
+/// without a gradient (BatchNorm's running statistics, which the forward pass already updated)
+/// goes back to its value after the previous step.
 pub struct MomentumUpdate<'a, B: AutodiffBackend> {
     pub directions: &'a mut GradientsParams,
     pub buffers: &'a mut BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
+    /// Floats without a gradient as they were after the previous step.
+    pub stateful: &'a mut BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
@@ -67,6 +71,24 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(direction) = self.directions.remove::<B::InnerBackend, D>(id) else {
+            let Some(apply) = &self.apply else {
+                return Param::from_mapped_value(id, tensor, mapper);
+            };
+            let require_grad = tensor.is_require_grad();
+            let value = tensor.inner();
+            let dims = value.dims();
+            let flat = value.reshape([dims.iter().product::<usize>()]);
+            let kept = match self.stateful.remove(&id.val()) {
+                Some(previous) if previous.dims() == flat.dims() => {
+                    guard::choose(apply, flat, previous)
+                }
+                _ => flat,
+            };
+            self.stateful.insert(id.val(), kept.clone());
+            let mut tensor = Tensor::from_inner(kept.reshape(dims));
+            if require_grad {
+                tensor = tensor.require_grad();
+            }
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
