@@ -28,6 +28,10 @@ pub struct StepTiming {
     pub plain_step: f64,
     /// Mean seconds per step amortised over the refresh period.
     pub amortised: f64,
+    /// Blocking device-to-host reads of the optimizer step that refreshes (`hylo_optim::host`).
+    pub reads_refresh_step: u64,
+    /// Blocking device-to-host reads of each other optimizer step (the most of any of them).
+    pub reads_plain_step: u64,
 }
 
 fn model<B: AutodiffBackend>(capture: &CaptureHandle, device: &B::Device) -> CifarResNet<B> {
@@ -61,13 +65,17 @@ pub fn resnet32_steps<B: AutodiffBackend>(
         let capture = CaptureHandle::new();
         let mut m = model::<B>(&capture, &device);
         let mut times = Vec::new();
+        let mut reads = Vec::new();
         let mut step =
             |m: CifarResNet<B>,
              opt: &mut dyn FnMut(CifarResNet<B>, GradientsParams) -> CifarResNet<B>| {
                 let start = Instant::now();
                 let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
                 let grads = capture.gradients(loss.backward(), &m);
+                let before = hylo_optim::host::reads();
                 let m = opt(m, grads);
+                reads.push(hylo_optim::host::reads() - before);
+                // Wait for the device (not counted: the timing's own synchronisation).
                 let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
                 times.push(start.elapsed().as_secs_f64());
                 m
@@ -104,11 +112,19 @@ pub fn resnet32_steps<B: AutodiffBackend>(
         let measured = &times[1..times.len().min(freq)];
         let plain = measured.iter().sum::<f64>() / measured.len().max(1) as f64;
         let refresh = if name == "sgd" { plain } else { times[freq] };
+        let refresh_reads = if name == "sgd" { 0 } else { reads[freq] };
+        let plain_reads = reads[1..reads.len().min(freq)]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0);
         out.push(StepTiming {
             optimizer: name.into(),
             refresh_step: refresh,
             plain_step: plain,
             amortised: (refresh + plain * (freq - 1) as f64) / freq as f64,
+            reads_refresh_step: refresh_reads,
+            reads_plain_step: plain_reads,
         });
     }
     out

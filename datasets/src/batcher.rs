@@ -124,6 +124,8 @@ pub struct Batch<B: Backend> {
     pub masks: Option<Tensor<B, 4>>,
     /// Source index of each sample.
     pub indices: Vec<usize>,
+    /// Samples left out because they could not be read (with [`SampleBatcher::skip_bad`]).
+    pub skipped: Vec<DatasetError>,
 }
 
 /// Decodes, augments and normalises samples into a [`Batch`].
@@ -132,6 +134,7 @@ pub struct SampleBatcher {
     source: Arc<dyn SampleSource>,
     normalization: Normalization,
     seed: u64,
+    skip_bad: bool,
 }
 
 impl SampleBatcher {
@@ -141,7 +144,17 @@ impl SampleBatcher {
             source,
             normalization,
             seed,
+            skip_bad: false,
         }
+    }
+
+    /// What happens to a sample that cannot be read (an undecodable image, a missing mask): by
+    /// default the batch fails with an error naming the file; with `skip` the sample is left
+    /// out and reported in the batch's `skipped` list (a batch whose every sample fails is still
+    /// an error).
+    pub fn skip_bad(mut self, skip: bool) -> Self {
+        self.skip_bad = skip;
+        self
     }
 
     /// Loads `refs` (in parallel) and stacks them on `device`.
@@ -155,7 +168,7 @@ impl SampleBatcher {
 
     /// Loads `refs` (in parallel) and stacks them on the host.
     pub fn load_host(&self, refs: &[SampleRef]) -> Result<HostBatch, DatasetError> {
-        let samples: Vec<Sample> = refs
+        let loaded: Vec<Result<Sample, DatasetError>> = refs
             .par_iter()
             .map(|r| {
                 let mut rng = sample_rng(self.seed, r.epoch, r.index as u64);
@@ -163,13 +176,36 @@ impl SampleBatcher {
                 self.normalization.apply(&mut s.pixels, s.channels);
                 Ok(s)
             })
-            .collect::<Result<_, DatasetError>>()?;
-        HostBatch::stack(&samples, refs.iter().map(|r| r.index).collect())
+            .collect();
+        let mut samples = Vec::with_capacity(refs.len());
+        let mut indices = Vec::with_capacity(refs.len());
+        let mut skipped = Vec::new();
+        for (r, sample) in refs.iter().zip(loaded) {
+            match sample {
+                Ok(s) => {
+                    samples.push(s);
+                    indices.push(r.index);
+                }
+                Err(e) if self.skip_bad => skipped.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if samples.is_empty() {
+            if let Some(first) = skipped.first() {
+                return Err(DatasetError::Invalid(format!(
+                    "every sample of a batch of {} failed to load; the first: {first}",
+                    refs.len()
+                )));
+            }
+        }
+        let mut batch = HostBatch::stack(&samples, indices)?;
+        batch.skipped = skipped;
+        Ok(batch)
     }
 }
 
 /// A batch assembled on the host, not yet on a device.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct HostBatch {
     /// `[n, c, h, w]`.
     pub shape: [usize; 4],
@@ -181,6 +217,8 @@ pub struct HostBatch {
     pub masks: Option<Vec<f32>>,
     /// Source index of each sample.
     pub indices: Vec<usize>,
+    /// Samples left out because they could not be read.
+    pub skipped: Vec<DatasetError>,
 }
 
 impl HostBatch {
@@ -214,6 +252,7 @@ impl HostBatch {
             labels: (labels.len() == n).then_some(labels),
             masks: (masks.len() == n * h * w).then_some(masks),
             indices,
+            skipped: Vec::new(),
         })
     }
 
@@ -233,6 +272,7 @@ impl HostBatch {
             }),
             masks: self.masks.map(|masks| float(masks, [n, 1, h, w])),
             indices: self.indices,
+            skipped: self.skipped,
         }
     }
 }

@@ -23,19 +23,49 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
+/// The largest IDX payload accepted (4 GiB): MNIST-sized files are far below it, and a header
+/// declaring more is treated as corrupt rather than allocated.
+pub const MAX_IDX_BYTES: usize = 1 << 32;
+
 /// Parses IDX `bytes` (gzip is detected by its magic) and checks the magic number.
+///
+/// A gzipped file is decompressed only up to the size its header declares (plus one byte, to
+/// detect trailing data): a corrupt or malicious stream cannot make the reader allocate more.
 pub fn parse_idx(path: &Path, bytes: &[u8], expected_magic: u32) -> Result<IdxArray, DatasetError> {
-    let raw;
-    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut decoder = flate2::read::GzDecoder::new(bytes);
+        let gzip =
+            |e: std::io::Error| DatasetError::format(path, format!("corrupt gzip stream: {e}"));
+        // The magic number says how many dimensions the header has.
+        let mut head = Vec::new();
+        (&mut decoder)
+            .take(4)
+            .read_to_end(&mut head)
+            .map_err(gzip)?;
+        if head.len() == 4 {
+            let ndim = head[3] as usize;
+            (&mut decoder)
+                .take(4 * ndim as u64)
+                .read_to_end(&mut head)
+                .map_err(gzip)?;
+        }
+        let (_, declared) = header(path, &head, expected_magic)?;
+        let mut out = head;
+        (&mut decoder)
+            .take(declared as u64 + 1)
             .read_to_end(&mut out)
-            .map_err(|e| DatasetError::format(path, format!("corrupt gzip stream: {e}")))?;
-        raw = out;
-        &raw[..]
-    } else {
-        bytes
-    };
+            .map_err(gzip)?;
+        return parse_plain(path, &out, expected_magic);
+    }
+    parse_plain(path, bytes, expected_magic)
+}
+
+/// `(dims, data bytes)` of the header at the start of `bytes`.
+fn header(
+    path: &Path,
+    bytes: &[u8],
+    expected_magic: u32,
+) -> Result<(Vec<usize>, usize), DatasetError> {
     if bytes.len() < 4 {
         return Err(DatasetError::format(
             path,
@@ -69,8 +99,19 @@ pub fn parse_idx(path: &Path, bytes: &[u8], expected_magic: u32) -> Result<IdxAr
     let count = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| DatasetError::format(path, format!("dimensions {dims:?} overflow")))?;
-    let body = &bytes[header..];
+        .filter(|&c| c <= MAX_IDX_BYTES)
+        .ok_or_else(|| {
+            DatasetError::format(
+                path,
+                format!("dimensions {dims:?} declare more than {MAX_IDX_BYTES} bytes"),
+            )
+        })?;
+    Ok((dims, count))
+}
+
+fn parse_plain(path: &Path, bytes: &[u8], expected_magic: u32) -> Result<IdxArray, DatasetError> {
+    let (dims, count) = header(path, bytes, expected_magic)?;
+    let body = &bytes[4 + 4 * dims.len()..];
     if body.len() != count {
         return Err(DatasetError::format(
             path,

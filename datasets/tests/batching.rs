@@ -83,3 +83,71 @@ fn segmentation_batches_carry_masks_and_errors_surface() {
     );
     assert!(bad.load::<Flex>(order.refs(), &Default::default()).is_err());
 }
+
+/// A source whose samples at `bad` cannot be read (as an undecodable image would).
+struct Flaky {
+    inner: SyntheticClassification,
+    bad: Vec<usize>,
+}
+
+impl SampleSource for Flaky {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn load(&self, index: usize, rng: &mut rand::rngs::StdRng) -> Result<Sample, DatasetError> {
+        if self.bad.contains(&index) {
+            return Err(DatasetError::format(
+                format!("img/{index}.png"),
+                "not a PNG file",
+            ));
+        }
+        self.inner.load(index, rng)
+    }
+
+    fn classes(&self) -> usize {
+        self.inner.classes()
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        self.inner.sample_shape()
+    }
+}
+
+#[test]
+fn unreadable_samples_fail_the_batch_or_are_skipped_when_asked() {
+    let flaky = |bad: Vec<usize>| {
+        Arc::new(Flaky {
+            inner: SyntheticClassification::new(8, 1, 8, 0),
+            bad,
+        })
+    };
+    let order = EpochOrder::new(8, 8, 0, 0, false, false);
+    // By default: an error naming the file.
+    let strict = SampleBatcher::new(flaky(vec![3]), Normalization::identity(1), 0);
+    let err = strict.load_host(order.refs()).unwrap_err().to_string();
+    assert!(
+        err.contains("img/3.png") && err.contains("not a PNG"),
+        "{err}"
+    );
+    // Asked to skip: the batch holds the others and names the one left out.
+    let lenient =
+        SampleBatcher::new(flaky(vec![3, 5]), Normalization::identity(1), 0).skip_bad(true);
+    let batch = lenient.load_host(order.refs()).unwrap();
+    assert_eq!(batch.indices, vec![0, 1, 2, 4, 6, 7]);
+    assert_eq!(batch.shape[0], 6);
+    assert_eq!(batch.skipped.len(), 2);
+    assert!(batch.skipped[1].to_string().contains("img/5.png"));
+    // The same batch through the loader on a device.
+    let loaded: Vec<_> = loader::<Flex>(lenient, order.clone(), 8, &Default::default())
+        .iter()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(loaded[0].images.dims()[0], 6);
+    assert_eq!(loaded[0].skipped.len(), 2);
+    // Every sample unreadable: an error even when skipping.
+    let hopeless =
+        SampleBatcher::new(flaky((0..8).collect()), Normalization::identity(1), 0).skip_bad(true);
+    let err = hopeless.load_host(order.refs()).unwrap_err().to_string();
+    assert!(err.contains("every sample of a batch of 8 failed"), "{err}");
+}

@@ -274,7 +274,28 @@ fn lgg_splits_by_patient_and_reads_masks() {
         },
     )
     .unwrap();
-    let _ = other.patients(); // another seed may pick other patients; the split stays disjoint
+    let other_train = LggDataset::load(
+        dir.path(),
+        Split::Train,
+        &LggConfig {
+            seed: 11,
+            ..config.clone()
+        },
+    )
+    .unwrap();
+    // Another seed may pick other patients; its split is disjoint and covers all five too.
+    assert!(other_train
+        .patients()
+        .iter()
+        .all(|p| !other.patients().contains(p)));
+    let mut everyone: Vec<&String> = other_train
+        .patients()
+        .iter()
+        .chain(other.patients())
+        .collect();
+    everyone.sort();
+    everyone.dedup();
+    assert_eq!(everyone.len(), 5);
     let s = train.load(0, &mut rng()).unwrap();
     assert_eq!(s.shape(), [3, 16, 16]);
     let Target::Mask(mask) = s.target else {

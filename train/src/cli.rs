@@ -172,6 +172,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default = "default_max_consecutive_skips")]
     pub max_consecutive_skips: u64,
+    /// Leave out samples that cannot be read (undecodable images, missing masks), logging and
+    /// counting each, instead of stopping with an error naming the file.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_bad_samples: bool,
     /// Data-parallel training over MPI (`mpirun -np P hylo-train ... --distributed`; needs the
     /// `mpi` feature). --batch-size is the global batch, split evenly over the ranks.
     #[arg(long)]

@@ -112,6 +112,35 @@ pub fn wgpu_adapter() -> Result<WgpuAdapter, String> {
         .clone()
 }
 
+/// Checks once per device that CUDA device `index` can run a kernel: an error (not a panic)
+/// when there is no driver or no such device.
+#[cfg(feature = "cuda")]
+pub fn cuda_ready(index: usize) -> Result<(), String> {
+    use burn::backend::cuda::CudaDevice;
+    use burn::backend::Cuda;
+    use burn::tensor::Tensor;
+    static READY: std::sync::Mutex<Vec<(usize, Result<(), String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut ready = READY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = ready.iter().find(|(i, _)| *i == index) {
+        return r.clone();
+    }
+    let probe = std::panic::catch_unwind(|| {
+        let t = Tensor::<Cuda, 1>::ones([1], &CudaDevice::new(index));
+        t.into_data()
+    });
+    let result = probe.map(|_| ()).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("CUDA device {index} cannot be used ({why}): is an NVIDIA driver installed and the device visible?")
+    });
+    ready.push((index, result.clone()));
+    result
+}
+
 /// What computes for `device`: the backend and, for WGPU, the adapter (which it initialises).
 pub fn describe(device: DeviceArg) -> Result<String, String> {
     match device {
@@ -119,7 +148,7 @@ pub fn describe(device: DeviceArg) -> Result<String, String> {
         #[cfg(feature = "wgpu")]
         DeviceArg::Wgpu => Ok(format!("wgpu: {}", wgpu_adapter()?)),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => Ok(format!("cuda:{n}: Burn's CUDA backend")),
+        DeviceArg::Cuda(n) => cuda_ready(n).map(|()| format!("cuda:{n}: Burn's CUDA backend")),
         #[allow(unreachable_patterns)]
         d @ DeviceArg::Wgpu => Err(not_compiled(d, "wgpu")),
         #[allow(unreachable_patterns)]
@@ -149,11 +178,14 @@ macro_rules! with_backend {
                 }
             },
             #[cfg(feature = "cuda")]
-            DeviceArg::Cuda(index) => {
-                type $B = burn::backend::Autodiff<burn::backend::Cuda>;
-                let $dev = burn::backend::cuda::CudaDevice::new(index);
-                $body
-            }
+            DeviceArg::Cuda(index) => match $crate::device::cuda_ready(index) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                    let $dev = burn::backend::cuda::CudaDevice::new(index);
+                    $body
+                }
+            },
             #[allow(unreachable_patterns)]
             d @ DeviceArg::Wgpu => Err($crate::device::not_compiled(d, "wgpu")),
             #[allow(unreachable_patterns)]

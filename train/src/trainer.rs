@@ -126,8 +126,10 @@ where
         .init()
         .map_err(|e| e.to_string())?;
     let train_batcher =
-        SampleBatcher::new(data.train.clone(), data.normalization.clone(), args.seed);
-    let val_batcher = SampleBatcher::new(data.val.clone(), data.normalization.clone(), args.seed);
+        SampleBatcher::new(data.train.clone(), data.normalization.clone(), args.seed)
+            .skip_bad(args.skip_bad_samples);
+    let val_batcher = SampleBatcher::new(data.val.clone(), data.normalization.clone(), args.seed)
+        .skip_bad(args.skip_bad_samples);
     let epoch_end = EpochEnd {
         args,
         data,
@@ -154,6 +156,7 @@ where
     let mut rows = Vec::new();
     let mut lr = schedule.rate_at(state.global_step as usize);
     let mut pending = PendingTally::<B::InnerBackend>::default();
+    let first_step = state.global_step;
     let mut skips = SkipWatch {
         seen: optim.skipped_steps().0,
         limit: args.max_consecutive_skips,
@@ -174,6 +177,11 @@ where
         step_bar.set_position(state.step_in_epoch);
         for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
             let batch = batch.map_err(|e| e.to_string())?;
+            for bad in &batch.skipped {
+                log(&format!(
+                    "training sample skipped (--skip-bad-samples): {bad}"
+                ));
+            }
             lr = schedule.rate_at(state.global_step as usize);
             let loss = model.loss(batch, &mut pending);
             let grads = capture.gradients(loss.backward(), &model);
@@ -188,6 +196,13 @@ where
             }
             state.global_step += 1;
             state.step_in_epoch += 1;
+            if state.global_step == first_step + 1 {
+                log(&format!(
+                    "first step {:.2}s (on a GPU backend it includes compiling the kernels \
+                     it uses for the first time)",
+                    wall(&started) - wall_before
+                ));
+            }
             step_bar.inc(1);
             let local_stop = if INTERRUPTED.load(Ordering::SeqCst) {
                 Some(Stop::Interrupted)
@@ -227,7 +242,8 @@ where
                 if workers.writes() {
                     checkpoint(out, &state, &model, &optim)?;
                 }
-                let final_val = validate::<B, M>(data, &val_batcher, &model, batch_size, device);
+                let final_val =
+                    validate::<B, M>(data, &val_batcher, &model, batch_size, device, &log)?;
                 agree(workers, &model, &log)?;
                 log(&format!(
                     "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
@@ -262,7 +278,7 @@ where
         }
     }
     bars.clear().ok();
-    let val = validate::<B, M>(data, &val_batcher, &model, batch_size, device);
+    let val = validate::<B, M>(data, &val_batcher, &model, batch_size, device, &log)?;
     Ok(Outcome {
         stop: Stop::Finished,
         state,
@@ -327,13 +343,19 @@ impl<B: AutodiffBackend> EpochEnd<'_, B> {
         wall_s: f64,
     ) -> Result<MetricsRow, String> {
         let args = self.args;
+        let log = |line: &str| {
+            if self.workers.writes() {
+                output::log(args.out.as_path(), line);
+            }
+        };
         let val = validate::<B, M>(
             self.data,
             self.val_batcher,
             model,
             args.batch_size as usize,
             self.device,
-        );
+            &log,
+        )?;
         if self.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
             let t = &mut state.train;
@@ -404,26 +426,32 @@ fn agree<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(())
 }
 
-/// Loss and score of `model` on the validation set (one host read at the end).
+/// Loss and score of `model` on the validation set (one host read at the end); a sample that
+/// cannot be read fails it with the file's name, unless the batcher skips such samples (then
+/// each is logged through `log`).
 pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
     data: &DataSources,
     batcher: &SampleBatcher,
     model: &M,
     batch_size: usize,
     device: &B::Device,
-) -> Tally {
+    log: &impl Fn(&str),
+) -> Result<Tally, String> {
     let valid = model.valid();
     let mut pending = PendingTally::default();
     let order = EpochOrder::new(data.val.len(), batch_size, 0, 0, false, false);
     for batch in loader::<B::InnerBackend>(batcher.clone(), order, batch_size, device).iter() {
-        match batch {
-            Ok(batch) => M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut pending),
-            Err(e) => tracing::error!("validation batch skipped: {e}"),
+        let batch = batch.map_err(|e| format!("validation: {e}"))?;
+        for bad in &batch.skipped {
+            log(&format!(
+                "validation sample skipped (--skip-bad-samples): {bad}"
+            ));
         }
+        M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut pending);
     }
     let mut tally = Tally::default();
     pending.flush(&mut tally);
-    tally
+    Ok(tally)
 }
 
 fn checkpoint<B: AutodiffBackend, M: AutodiffModule<B>>(

@@ -713,15 +713,10 @@ mod cuda {
     /// CUDA device 0, or `None` (a skip) when this machine has no CUDA device and `CI` is not
     /// set (CI has no GPU: there the CUDA build is only compiled).
     fn device() -> Option<burn::backend::cuda::CudaDevice> {
-        let device = burn::backend::cuda::CudaDevice::new(0);
-        let probe = std::panic::catch_unwind(|| {
-            let t = Tensor::<burn::backend::Cuda, 1>::ones([1], &device);
-            host(t)
-        });
-        match probe {
-            Ok(_) => Some(device),
-            Err(_) => {
-                eprintln!("skipping the CUDA parity tests: no CUDA device");
+        match hylo_train::device::cuda_ready(0) {
+            Ok(()) => Some(burn::backend::cuda::CudaDevice::new(0)),
+            Err(e) => {
+                eprintln!("skipping the CUDA parity tests: {e}");
                 None
             }
         }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU code path on Mesa's lavapipe (a Vulkan driver that runs on the CPU; installed by
+# .ci/run): the backend parity suite, the binaries with --device wgpu, and the bench report.
+# With CI set, the parity suite fails instead of skipping when no adapter is found. Times here
+# are CPU-emulated, not GPU figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CI="${CI:-1}"
+# Mesa wants a runtime directory; without one it prints an error on every start.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+vulkaninfo --summary 2>/dev/null | grep -E "deviceName|driverName" || true
+
+timeout 1800 cargo test -p hylo-train --features wgpu --test backend_parity
+cargo build -p hylo-train -p hylo-benches --features hylo-benches/wgpu
+BIN=target/debug/hylo-train
+OUT=$(mktemp -d)
+
+timeout 900 "$BIN" demo --device wgpu --budget 5 --out "$OUT/demo"
+test -s "$OUT/demo/demo.png"
+timeout 600 "$BIN" classify --device wgpu --optim hylo --freq 5 --max-steps 25 \
+    --train-samples 512 --val-samples 128 --out "$OUT/classify"
+grep -q "device wgpu: " "$OUT/classify/train.log"
+timeout 600 "$BIN" segment --device wgpu --model unet --dataset shapes --optim kfac --freq 3 \
+    --max-steps 6 --batch-size 8 --init-features 8 --train-samples 64 --val-samples 16 \
+    --out "$OUT/segment"
+grep -q "stopped (MaxSteps) at epoch 0 step 6" "$OUT/segment/train.log"
+timeout 2400 target/debug/hylo-bench --quick --device wgpu --json "$OUT/bench.json" > "$OUT/bench.md"
+grep -q "CPU-emulated" "$OUT/bench.md"
+grep -q "Time to accuracy" "$OUT/bench.md"
+echo "wgpu tests passed"
