@@ -42,10 +42,13 @@ fn model<B: AutodiffBackend>(capture: &CaptureHandle, device: &B::Device) -> Cif
 
 /// Times `freq + 1` steps (3 for SGD) of ResNet-32 on CIFAR-shaped batches of `batch` with each optimizer
 /// (curvature refreshed every `freq` steps, as in the paper's run with freq 13).
+///
+/// `progress` is advanced once per step (`3 + 3 (freq + 1)` in all).
 pub fn resnet32_steps<B: AutodiffBackend>(
     batch: usize,
     freq: usize,
     device: &B::Device,
+    progress: &indicatif::ProgressBar,
 ) -> Vec<StepTiming> {
     let device = device.clone();
     let x = Tensor::<B, 4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
@@ -62,6 +65,7 @@ pub fn resnet32_steps<B: AutodiffBackend>(
         .with_damping(DampingConfig::new().with_initial(1.5));
     let mut out = Vec::new();
     for name in ["sgd", "kfac", "sngd", "hylo"] {
+        progress.set_message(format!("ResNet-32 steps: {name}"));
         let capture = CaptureHandle::new();
         let mut m = model::<B>(&capture, &device);
         let mut times = Vec::new();
@@ -78,6 +82,7 @@ pub fn resnet32_steps<B: AutodiffBackend>(
                 // Wait for the device (not counted: the timing's own synchronisation).
                 let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
                 times.push(start.elapsed().as_secs_f64());
+                progress.inc(1);
                 m
             };
         match name {

@@ -95,8 +95,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         None => crate::demo::run_cli(&DemoArgs::default()),
         Some(Command::Demo(d)) => crate::demo::run_cli(&d),
-        Some(Command::Classify(c)) => run_training("classify", c).map(|_| ()),
-        Some(Command::Segment(c)) => run_training("segment", c).map(|_| ()),
+        Some(Command::Classify(c)) => print_outcome(run_training("classify", c)?),
+        Some(Command::Segment(c)) => print_outcome(run_training("segment", c)?),
         Some(Command::Info(i)) => {
             print!("{}", info(&i)?);
             Ok(())
@@ -109,7 +109,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-/// Trains (or resumes) as `classify`/`segment` and prints a summary.
+/// Trains (or resumes) as `classify`/`segment`; the caller reports the outcome (see
+/// [`summary`]).
 pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String> {
     let (args, resume) = match &cmd.resume {
         Some(dir) => {
@@ -136,27 +137,39 @@ pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String>
     let result = with_backend!(args.device()?, |B, device| train_on::<B>(
         &args, command, model, resume, &device, &workers.0
     ));
-    let outcome = match result {
+    let mut outcome = match result {
         Ok(outcome) => outcome,
         // A failing rank ends the whole job, so that no rank waits forever in a collective.
         Err(e) if workers.0.distributed() => workers.0.comm.abort(&e),
         Err(e) => return Err(e),
     };
-    if !workers.0.writes() {
-        return Ok(outcome);
+    if workers.0.writes() {
+        outcome.summary = Some(summary(&outcome, model.is_segmenter(), &args.out));
     }
-    println!(
+    Ok(outcome)
+}
+
+/// Prints the run's summary line on rank 0 (the only rank that writes).
+fn print_outcome(outcome: Outcome) -> Result<(), String> {
+    if let Some(line) = &outcome.summary {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// One line on how a run ended.
+pub fn summary(outcome: &Outcome, segments: bool, out: &std::path::Path) -> String {
+    format!(
         "{:?} after {} epochs, {} steps, {:.1}s: val loss {:.4}, val {} {:.4}; outputs in {}",
         outcome.stop,
         outcome.state.epoch,
         outcome.state.global_step,
         outcome.state.wall_s,
         outcome.final_val.0,
-        if model.is_segmenter() { "dice" } else { "acc" },
+        if segments { "dice" } else { "acc" },
         outcome.final_val.1,
-        args.out.display()
-    );
-    Ok(outcome)
+        out.display()
+    )
 }
 
 /// The workers of this run: MPI's world with `--distributed` (the guard keeps MPI initialised

@@ -43,6 +43,8 @@ pub struct Outcome {
     pub rows: Vec<MetricsRow>,
     /// Validation loss and score when it ended.
     pub final_val: (f64, f64),
+    /// How it ended, in one line (set by the caller on the rank that writes).
+    pub summary: Option<String>,
 }
 
 /// Set by the Ctrl-C handler; the trainer saves and stops at the next step.
@@ -255,6 +257,7 @@ where
                     state,
                     rows,
                     final_val: (final_val.loss(), final_val.score()),
+                    summary: None,
                 });
             }
         }
@@ -274,6 +277,7 @@ where
                 state,
                 rows,
                 final_val,
+                summary: None,
             });
         }
     }
@@ -284,6 +288,7 @@ where
         state,
         rows,
         final_val: (val.loss(), val.score()),
+        summary: None,
     })
 }
 

@@ -10,6 +10,7 @@ use hylo_benches::comm::{comm_volume, state_memory};
 use hylo_benches::layers::{resnet32_cases, resnet50_cases, time_layer, LayerCase, LayerTiming};
 use hylo_benches::steps::{cifar_loading, resnet32_steps};
 use hylo_models::{trainable_params, CifarResNetConfig, ImageNetResNetConfig};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -61,6 +62,10 @@ fn ms(s: f64) -> String {
     format!("{:.2}", s * 1e3)
 }
 
+fn device_arg(args: &Args) -> hylo_train::device::DeviceArg {
+    args.device.parse().expect("checked in main")
+}
+
 fn main() {
     let args = Args::parse();
     let device: hylo_train::device::DeviceArg = match args.device.parse() {
@@ -81,8 +86,11 @@ fn main() {
 }
 
 fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
+    // On a GPU backend the first call of a kernel compiles it: quick mode then times each
+    // measurement after a warm-up call too (`seconds` warms up when repeats > 1).
+    let gpu = !matches!(device_arg(args), hylo_train::device::DeviceArg::Cpu);
     let (image, mut batches, repeats, mut step_batch) = if args.quick {
-        (64, vec![32], 1, 16)
+        (64, vec![32], if gpu { 2 } else { 1 }, 16)
     } else {
         (224, vec![32, 128], 2, 128)
     };
@@ -122,6 +130,17 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     )
     .unwrap();
 
+    // Progress on stderr (hidden when stderr is not a terminal); the report goes to stdout.
+    let bar = |len: u64, what: &str| {
+        let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template("{msg:40} {wide_bar} {pos}/{len} {elapsed_precise}")
+                .expect("a valid template"),
+        );
+        pb.set_message(what.to_string());
+        pb
+    };
+
     // 1 and 2: per-layer curvature work and preconditioning.
     let cases = resnet50_cases(image);
     let mut eigen_cache = HashMap::new();
@@ -135,8 +154,11 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
         let mut total = LayerTiming::default();
         let layer_count: usize = cases.iter().map(|c| c.count).sum();
+        let progress = bar(cases.len() as u64, &format!("ResNet-50 layers, batch {n}"));
         for case in &cases {
+            progress.set_message(format!("batch {n}: {}", case.shape));
             let t = time_layer::<B::InnerBackend>(case, n, rho, repeats, &mut eigen_cache, device);
+            progress.inc(1);
             let k = case.count as f64;
             total.kfac_factors += k * t.kfac_factors;
             total.kfac_eigen += k * t.kfac_eigen;
@@ -168,6 +190,13 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
                 timing: t,
             });
         }
+        progress.finish_and_clear();
+        eprintln!(
+            "ResNet-50 curvature, batch {n}: K-FAC {:.1} s, HyLo-KID {:.2} s, HyLo-KIS {:.2} s per refresh",
+            total.kfac(),
+            total.kid,
+            total.kis
+        );
         writeln!(
             md,
             "| **total ({layer_count} layers)** | | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -186,7 +215,9 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     }
 
     // 3: ResNet-32 steps.
-    let steps = resnet32_steps::<B>(step_batch, freq, device);
+    let progress = bar(3 + 3 * (freq as u64 + 1), "ResNet-32 steps");
+    let steps = resnet32_steps::<B>(step_batch, freq, device, &progress);
+    progress.finish_and_clear();
     let sgd = steps[0].amortised;
     writeln!(
         md,
@@ -291,6 +322,10 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         device: args.device.clone(),
         ..Default::default()
     };
+    eprintln!(
+        "time to accuracy: {budget:.0} s per optimizer on {}",
+        args.device
+    );
     match hylo_train::demo::run(&demo) {
         Ok(results) => {
             writeln!(md, "## Time to accuracy: small CNN on the synthetic set, {budget:.0} s per optimizer\n\n{}", hylo_train::demo::table(&results, demo.target)).unwrap();
