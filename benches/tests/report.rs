@@ -64,3 +64,27 @@ fn a_layer_times_every_method() {
     }
     assert_eq!(cache.len(), 1);
 }
+
+#[test]
+fn step_timings_count_the_host_reads_of_each_step() {
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    let freq = 2;
+    let progress = indicatif::ProgressBar::hidden();
+    let steps = hylo_benches::steps::resnet32_steps::<B>(2, freq, &Default::default(), &progress);
+    assert_eq!(progress.position(), 3 + 3 * (freq as u64 + 1));
+    let names: Vec<&str> = steps.iter().map(|s| s.optimizer.as_str()).collect();
+    assert_eq!(names, ["sgd", "kfac", "sngd", "hylo"]);
+    // ResNet-32 has 32 preconditioned layers; a refresh reads the NaN flag, then K-FAC both
+    // factors of each layer, SNGD each kernel, HyLo the gradient norm and two matrices a layer.
+    let expected = [0, 1 + 2 * 32, 1 + 32, 2 + 2 * 32];
+    for (s, reads) in steps.iter().zip(expected) {
+        assert_eq!(
+            s.reads_plain_step, 0,
+            "{}: a plain step read the device",
+            s.optimizer
+        );
+        assert_eq!(s.reads_refresh_step, reads, "{}", s.optimizer);
+        let amortised = (s.refresh_step + s.plain_step * (freq - 1) as f64) / freq as f64;
+        assert!((s.amortised - amortised).abs() < 1e-12 && s.amortised > 0.0);
+    }
+}

@@ -160,6 +160,28 @@ fn kid_below_full_rank_is_a_different_but_finite_direction() {
 }
 
 #[test]
+fn kid_below_full_rank_matches_the_dense_formula() {
+    // A full-rank kernel (n = 16 samples, D = 4 x 5 = 20 gradient entries), r = 5 < n.
+    let (n, r, lambda) = (16, 5, 0.1);
+    let rows = kron_rows(n, 5, 4, 63);
+    let ghat = tensor::<IB, 2>(64, [4, 5]);
+    let jac = to_mat(rows.jacobian());
+    let (skeleton, s) = kid_skeleton_dense(&jac, n as f64 * lambda, r);
+    let js = Mat::from_fn(r, jac.ncols(), |i, j| jac[(skeleton[i], j)]);
+    let oracle = kid_direction_dense(&js, &s, &mat_to_vec(&to_mat(ghat.clone())), lambda);
+    let state = kid::refresh(rows.clone(), lambda, r).unwrap();
+    assert_eq!(state.rank(), r);
+    let v = to_vec(state.apply(ghat.clone()));
+    let err = rel_err(&v, &oracle);
+    assert!(
+        err <= 1e-4,
+        "KID r = {r} < n = {n} against the dense formula: {err}"
+    );
+    // And it is not SNGD: the check above is not the exact limit in disguise.
+    assert!(rel_err(&v, &sngd_direction(&rows, &ghat, lambda)) > 1e-3);
+}
+
+#[test]
 fn kid_with_rank_above_the_kernel_rank_stays_exact() {
     // Duplicate rows make the kernel rank deficient; asking for more rows than its rank must not
     // blow up and still reproduces SNGD.

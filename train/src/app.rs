@@ -182,12 +182,17 @@ fn start_workers(args: &TrainArgs) -> Result<WorkersGuard, String> {
     }
     #[cfg(feature = "mpi")]
     {
-        let (universe, comm) = hylo_optim::comm::mpi::MpiComm::init()
-            .ok_or("MPI was already initialised in this process")?;
-        Ok((
-            Workers::new(std::sync::Arc::new(comm)),
-            Some(Box::new(universe)),
-        ))
+        let (universe, comm) = hylo_optim::comm::mpi::MpiComm::init()?;
+        let comm: std::sync::Arc<dyn hylo_optim::comm::Communicator> = std::sync::Arc::new(comm);
+        // A rank that panics must end the job: left alone, the others would wait forever in
+        // their next collective (dropping the MPI universe only finalises this rank).
+        let abort = comm.clone();
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            abort.abort(&format!("rank {} panicked: {info}", abort.rank()));
+        }));
+        Ok((Workers::new(comm), Some(Box::new(universe))))
     }
     #[cfg(not(feature = "mpi"))]
     Err(

@@ -17,7 +17,7 @@ use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
 use crate::output::{self, MetricsRow, RunState};
 use crate::task::{PendingTally, Tally, TrainModel};
 use crate::workers::Workers;
-use hylo_optim::comm::all_reduce_mean;
+use hylo_optim::comm::{all_reduce_mean, average_buffers};
 
 /// Why a training invocation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +189,8 @@ where
             let grads = capture.gradients(loss.backward(), &model);
             let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &model, workers.comm.as_ref());
             model = optim.step(lr, model, grads);
+            // BatchNorm statistics: every rank keeps the mean over the ranks.
+            model = average_buffers::<B, M>(model, workers.comm.as_ref()).0;
             if let Some(bytes) = optim.refresh_bytes().filter(|_| workers.distributed()) {
                 log(&format!(
                     "refresh at step {}: all-gather {} B, broadcast {} B, all-reduce {} B \
@@ -422,9 +424,9 @@ fn agree<B: AutodiffBackend, M: AutodiffModule<B>>(
     log: &impl Fn(&str),
 ) -> Result<(), String> {
     if workers.distributed() {
-        let checksum = workers.check_same_weights::<B, M>(model)?;
+        let hash = workers.check_same_weights::<B, M>(model)?;
         log(&format!(
-            "all {} ranks agree on the weights (checksum {checksum:.6})",
+            "all {} ranks agree on the weights (bitwise hash {hash:016x})",
             workers.size()
         ));
     }

@@ -96,34 +96,49 @@ impl Workers {
         }
     }
 
-    /// Checks that every worker holds the same weights (a checksum of every parameter).
-    pub fn check_same_weights<B: Backend, M: Module<B>>(&self, model: &M) -> Result<f64, String> {
-        let mut sum = Checksum(0.0, 0.0);
-        model.visit(&mut sum);
+    /// Checks that every worker holds bit-identical weights and BatchNorm statistics (a 64-bit
+    /// FNV-1a hash of every float's bits, compared across workers); returns the hash.
+    pub fn check_same_weights<B: Backend, M: Module<B>>(&self, model: &M) -> Result<u64, String> {
+        // A record synchronises the BatchNorm statistics a forward pass left pending.
+        let _ = model.clone().into_record();
+        let mut hash = BitHash(0xcbf2_9ce4_8422_2325);
+        model.visit(&mut hash);
+        let h = hash.0;
         if !self.distributed() {
-            return Ok(sum.0);
+            return Ok(h);
         }
-        let all = self.comm.all_gather(&[sum.0 as f32, sum.1 as f32]);
-        if all.chunks(2).all(|c| c == &all[..2]) {
-            Ok(sum.0)
+        // Four 16-bit pieces: exact in f32.
+        let mine: Vec<f32> = (0..4).map(|i| ((h >> (16 * i)) & 0xffff) as f32).collect();
+        let all = self.comm.all_gather(&mine);
+        let differing: Vec<usize> = all
+            .chunks(4)
+            .enumerate()
+            .filter(|(_, c)| *c != &mine[..])
+            .map(|(r, _)| r)
+            .collect();
+        if differing.is_empty() {
+            Ok(h)
         } else {
-            Err(format!("ranks disagree on the weights: checksums {all:?}"))
+            Err(format!(
+                "ranks disagree on the weights: rank {}'s hash {h:016x} differs from rank(s) \
+                 {differing:?}",
+                self.rank()
+            ))
         }
     }
 }
 
-struct Checksum(f64, f64);
+/// FNV-1a over the bits of every float, in visiting order.
+struct BitHash(u64);
 
-impl<B: Backend> ModuleVisitor<B> for Checksum {
+impl<B: Backend> ModuleVisitor<B> for BitHash {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let v = param.val();
-        let n = v.shape().num_elements().max(1) as f64;
-        let values: Vec<f64> = v.into_data().convert::<f64>().to_vec().unwrap_or_default();
-        self.0 += values.iter().sum::<f64>();
-        self.1 += values
-            .iter()
-            .enumerate()
-            .map(|(i, x)| x * ((i as f64 + 1.0) / n))
-            .sum::<f64>();
+        let values = hylo_optim::host::read_f32(param.val());
+        for v in values {
+            for byte in v.to_bits().to_le_bytes() {
+                self.0 ^= u64::from(byte);
+                self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Data-parallel gradient averaging: all-reduces of every gradient of a model, in flat buckets.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
@@ -95,6 +95,65 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<B> {
             });
         }
     }
+}
+
+/// Replaces every float of `model` that takes no gradient (BatchNorm's running statistics) by
+/// its mean over the workers, so that every worker evaluates and saves the same model (as
+/// PyTorch's DDP keeps buffers in step); returns the model and the bytes all-reduced. One host
+/// read and one all-reduce per call; nothing when there is one worker.
+pub fn average_buffers<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: M,
+    comm: &dyn Communicator,
+) -> (M, u64) {
+    if comm.size() == 1 {
+        return (model, 0);
+    }
+    // Burn's RunningState keeps a forward pass's update pending until a record synchronises it.
+    let _ = model.clone().into_record();
+    struct Buffers<I: Backend>(Vec<(ParamId, Tensor<I, 1>)>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Buffers<B::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            if !value.is_require_grad() {
+                let n = value.shape().num_elements();
+                self.0.push((param.id, value.inner().reshape([n])));
+            }
+        }
+    }
+    let mut buffers = Buffers::<B::InnerBackend>(Vec::new());
+    model.visit(&mut buffers);
+    if buffers.0.is_empty() {
+        return (model, 0);
+    }
+    let device = buffers.0[0].1.device();
+    let flat = Tensor::cat(buffers.0.iter().map(|(_, t)| t.clone()).collect(), 0);
+    let mut values = host::read_f32(flat);
+    comm.all_reduce_sum(&mut values);
+    let scale = 1.0 / comm.size() as f32;
+    values.iter_mut().for_each(|v| *v *= scale);
+    let bytes = 4 * values.len() as u64;
+    let mean = upload::<B::InnerBackend>(values, &device);
+    let mut means = std::collections::HashMap::new();
+    let mut at = 0;
+    for (id, t) in &buffers.0 {
+        let n = t.dims()[0];
+        means.insert(*id, mean.clone().narrow(0, at, n));
+        at += n;
+    }
+    struct Replace<I: Backend>(std::collections::HashMap<ParamId, Tensor<I, 1>>);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Replace<B::InnerBackend> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            match self.0.remove(&id) {
+                Some(mean) => {
+                    let shape = tensor.shape();
+                    Param::from_mapped_value(id, Tensor::from_inner(mean.reshape(shape)), mapper)
+                }
+                None => Param::from_mapped_value(id, tensor, mapper),
+            }
+        }
+    }
+    (model.map(&mut Replace::<B::InnerBackend>(means)), bytes)
 }
 
 /// Every float parameter of `module`, flattened in visiting order (to compare workers' weights).

@@ -19,11 +19,30 @@ unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
 impl MpiComm {
-    /// Initialises MPI; `None` when it was already initialised.
-    pub fn init() -> Option<(Universe, Self)> {
-        let (universe, _threading) = mpi::initialize_with_threading(Threading::Serialized)?;
+    /// Initialises MPI; an error when it was already initialised or when the library cannot
+    /// give the threading level this communicator needs.
+    ///
+    /// Only the thread that drives training calls MPI, but it need not be the thread that
+    /// initialised it (tests, embedders): `Serialized` is requested and at least that is
+    /// required.
+    pub fn init() -> Result<(Universe, Self), String> {
+        let (universe, granted) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or("MPI was already initialised in this process")?;
+        check_threading(granted)?;
         let world = universe.world();
-        Some((universe, Self { world }))
+        Ok((universe, Self { world }))
+    }
+}
+
+/// `Ok` when MPI granted at least `Serialized`.
+fn check_threading(granted: Threading) -> Result<(), String> {
+    match granted {
+        Threading::Serialized | Threading::Multiple => Ok(()),
+        other => Err(format!(
+            "MPI granted the threading level {other:?}, but calls from a thread other than \
+             the one that initialised MPI need Serialized: use an MPI library built with thread \
+             support (Open MPI is)"
+        )),
     }
 }
 

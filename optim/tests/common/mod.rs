@@ -82,3 +82,47 @@ pub fn mat_to_vec(m: &Mat<f64>) -> Vec<f64> {
     }
     v
 }
+
+/// The dense inverse of a square matrix (LU against the identity).
+pub fn inverse(m: &Mat<f64>) -> Mat<f64> {
+    let n = m.nrows();
+    hylo_optim::linalg::lu_solve(m.as_ref(), Mat::<f64>::identity(n, n).as_ref()).unwrap()
+}
+
+/// KID's steps 1-3 on one worker's Jacobian rows `jac` (b x D), written with explicit dense
+/// inverses straight from ALGORITHMS.md: the skeleton rows (pivot order) and
+/// `S = P (E + shift I)^-1 P^T`.
+pub fn kid_skeleton_dense(jac: &Mat<f64>, shift: f64, r: usize) -> (Vec<usize>, Mat<f64>) {
+    let n = jac.nrows();
+    let k = jac * jac.transpose();
+    let (_q, qr_r, piv) = hylo_optim::linalg::pivoted_qr(k.as_ref());
+    let kp = Mat::from_fn(n, n, |i, j| k[(piv[i], piv[j])]);
+    let r11 = Mat::from_fn(r, r, |i, j| qr_r[(i, j)]);
+    let r12 = Mat::from_fn(r, n - r, |i, j| qr_r[(i, r + j)]);
+    let t = inverse(&r11) * &r12;
+    let p = Mat::from_fn(r, n, |i, j| {
+        if j < r {
+            f64::from(u8::from(i == j))
+        } else {
+            t[(i, j - r)]
+        }
+    });
+    let kp_r = Mat::from_fn(n, r, |i, j| kp[(i, j)]);
+    let mut e = &kp - &kp_r * &p;
+    for i in 0..n {
+        e[(i, i)] += shift;
+    }
+    (piv[..r].to_vec(), &p * inverse(&e) * p.transpose())
+}
+
+/// KID's direction from the skeleton rows `js` (rows of J, rP x D), the block-diagonal `s` and the
+/// mean gradient: `M = (S^-1 + K_SS)^-1`, `v = (ghat - J_S^T M J_S ghat) / lambda`.
+pub fn kid_direction_dense(js: &Mat<f64>, s: &Mat<f64>, ghat: &[f64], lambda: f64) -> Vec<f64> {
+    let k_ss = js * js.transpose();
+    let m = inverse(&(inverse(s) + &k_ss));
+    let g = Mat::from_fn(ghat.len(), 1, |i, _| ghat[i]);
+    let correction = js.transpose() * (&m * (js * &g));
+    (0..ghat.len())
+        .map(|i| (ghat[i] - correction[(i, 0)]) / lambda)
+        .collect()
+}
