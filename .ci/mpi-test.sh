@@ -21,6 +21,22 @@ for optim in hylo kfac sngd sgd; do
     test "$(wc -l < "$OUT/$optim/metrics.csv")" -eq 3
 done
 grep -q "refresh at step 0: all-gather" "$OUT/hylo/train.log"
+
+# A BatchNorm model (the paper's ResNets and U-Net have BatchNorm): its running statistics must
+# agree across the ranks (averaged every step), with every optimizer.
+bn=(--model resnet20 --channels 3 --image-size 16 --train-samples 128 --val-samples 32
+    --batch-size 32 --freq 2 --epochs 2)
+for optim in hylo kfac sngd sgd; do
+    timeout 600 "${MPIRUN[@]}" -np 2 "$BIN" classify --distributed --optim "$optim" \
+        "${bn[@]}" --out "$OUT/bn-$optim"
+    grep -q "all 2 ranks agree on the weights" "$OUT/bn-$optim/train.log"
+    test "$(wc -l < "$OUT/bn-$optim/metrics.csv")" -eq 3
+done
+# U-Net (segmentation, BatchNorm and transposed convolutions):
+timeout 600 "${MPIRUN[@]}" -np 2 "$BIN" segment --distributed --model unet --dataset shapes \
+    --optim hylo --init-features 4 --train-samples 32 --val-samples 8 --batch-size 8 --freq 2 \
+    --epochs 1 --out "$OUT/unet"
+grep -q "all 2 ranks agree on the weights" "$OUT/unet/train.log"
 grep -q "refresh at step 0: all-gather 0 B, broadcast [0-9]* B, all-reduce [1-9]" "$OUT/kfac/train.log"
 
 # Ranks started with different arguments end with a clear error instead of hanging.

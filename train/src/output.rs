@@ -61,25 +61,47 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> String {
     format!("{}: {e}", path.display())
 }
 
-/// Creates `metrics.csv` with its header (replacing an old one).
-pub fn create_metrics(path: &Path, segments: bool) -> Result<(), String> {
-    let mut w = csv::Writer::from_path(path).map_err(|e| io_err(path, e))?;
-    w.write_record(header(segments))
-        .map_err(|e| io_err(path, e))?;
-    w.flush().map_err(|e| io_err(path, e))
+/// Writes `metrics.csv` with its header and `rows`, atomically (a temporary file, synced to
+/// disk, then renamed over the old one): an interruption leaves the old file or the new one.
+pub fn write_metrics(path: &Path, rows: &[MetricsRow], segments: bool) -> Result<(), String> {
+    let tmp = path.with_extension("csv.tmp");
+    {
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_path(&tmp)
+            .map_err(|e| io_err(&tmp, e))?;
+        w.write_record(header(segments))
+            .map_err(|e| io_err(&tmp, e))?;
+        for row in rows {
+            w.serialize(row).map_err(|e| io_err(&tmp, e))?;
+        }
+        w.flush().map_err(|e| io_err(&tmp, e))?;
+    }
+    sync_file(&tmp)?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
-/// Appends one row to `metrics.csv`.
-pub fn append_metrics(path: &Path, row: &MetricsRow) -> Result<(), String> {
-    let file = OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(|e| io_err(path, e))?;
-    let mut w = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(file);
-    w.serialize(row).map_err(|e| io_err(path, e))?;
-    w.flush().map_err(|e| io_err(path, e))
+/// Forces a file's contents to disk.
+fn sync_file(path: &Path) -> Result<(), String> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, e))
+}
+
+/// Forces a directory's entries (created, renamed files) to disk.
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    // Directories cannot be synced on every platform; where they can (Linux), errors matter.
+    match fs::File::open(dir) {
+        Ok(f) => f.sync_all().or_else(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                Ok(())
+            } else {
+                Err(io_err(dir, e))
+            }
+        }),
+        Err(e) => Err(io_err(dir, e)),
+    }
 }
 
 /// Reads every row of a `metrics.csv`.
@@ -115,6 +137,10 @@ pub struct RunState {
     pub wall_s: f64,
     /// Training loss and score sums of the current epoch so far.
     pub train: Tally,
+    /// Every `metrics.csv` row so far: on resume the file is rewritten from these, so a run
+    /// killed between its checkpoint and its metrics has the same rows as one never killed.
+    #[serde(default)]
+    pub rows: Vec<MetricsRow>,
 }
 
 /// Checkpoint files inside a directory.
@@ -147,8 +173,9 @@ impl CheckpointPaths {
     }
 }
 
-/// Writes a checkpoint atomically: `write` fills a temporary directory, which then replaces
-/// `out/checkpoint` by renames, so an interruption leaves the old or the new one whole.
+/// Writes a checkpoint atomically and durably: `write` fills a temporary directory, whose files
+/// and entries are synced to disk before it replaces `out/checkpoint` by renames (the parent is
+/// synced after), so an interruption or a power loss leaves the old or the new one whole.
 pub fn save_checkpoint(
     out: &Path,
     state: &RunState,
@@ -162,6 +189,11 @@ pub fn save_checkpoint(
     write(&tmp)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
     fs::write(tmp.state(), json).map_err(|e| io_err(&tmp.state(), e))?;
+    for entry in fs::read_dir(&tmp.dir).map_err(|e| io_err(&tmp.dir, e))? {
+        let path = entry.map_err(|e| io_err(&tmp.dir, e))?.path();
+        sync_file(&path)?;
+    }
+    sync_dir(&tmp.dir)?;
     let live = CheckpointPaths::of(out).dir;
     let old = out.join("checkpoint.old");
     let _ = fs::remove_dir_all(&old);
@@ -169,6 +201,7 @@ pub fn save_checkpoint(
         fs::rename(&live, &old).map_err(|e| io_err(&live, e))?;
     }
     fs::rename(&tmp.dir, &live).map_err(|e| io_err(&live, e))?;
+    sync_dir(out)?;
     let _ = fs::remove_dir_all(&old);
     Ok(())
 }
@@ -187,6 +220,15 @@ pub fn find_checkpoint(out: &Path) -> Result<(CheckpointPaths, RunState), String
         "{}: no checkpoint to resume (expected checkpoint/state.json)",
         out.display()
     ))
+}
+
+/// A fault-injection point for the crash tests: when the environment variable `HYLO_FAULT`
+/// names `point`, the process aborts here, as a kill at that moment would.
+pub fn fault_point(point: &str) {
+    if std::env::var("HYLO_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("HYLO_FAULT={point}: aborting");
+        std::process::abort();
+    }
 }
 
 /// Writes `config.json`.

@@ -35,8 +35,14 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-/// Draws `panels` side by side (two per row) into a PNG at `path`.
+/// Draws `panels` side by side (two per row) into a PNG at `path`. Never panics: a failure of
+/// the plotting library on odd data (extreme ranges) is returned as an error.
 pub fn draw(path: &Path, panels: &[Panel]) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| draw_panels(path, panels)))
+        .unwrap_or_else(|_| Err(format!("{}: the plot could not be drawn", path.display())))
+}
+
+fn draw_panels(path: &Path, panels: &[Panel]) -> Result<(), String> {
     register_font();
     let cols = panels.len().clamp(1, 2);
     let rows = panels.len().div_ceil(2).max(1);
@@ -75,7 +81,11 @@ pub fn draw(path: &Path, panels: &[Panel]) -> Result<(), String> {
             let colour = Palette99::pick(i).to_rgba();
             chart
                 .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
+                    // A diverged run has NaN or Inf metrics: they are left out of the line.
+                    s.points
+                        .iter()
+                        .copied()
+                        .filter(|(x, y)| x.is_finite() && y.is_finite()),
                     colour.stroke_width(2),
                 ))
                 .map_err(|e| err(&e))?

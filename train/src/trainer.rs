@@ -91,7 +91,10 @@ where
     };
     let mut optim = AnyOptimizer::<M, B>::build(args, steps_per_epoch, capture, workers)?;
     let (mut model, mut state) = if resume {
-        let (paths, state) = output::find_checkpoint(out)?;
+        let (paths, mut state) = output::find_checkpoint(out)?;
+        if workers.writes() {
+            restore_metrics(out, &mut state, M::SEGMENTS)?;
+        }
         let recorder = CheckpointRecorder::new();
         let model = model
             .load_file(paths.model(), &recorder, device)
@@ -107,7 +110,7 @@ where
             std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
             let _ = std::fs::remove_file(out.join("train.log"));
             output::write_config(out, args, command)?;
-            output::create_metrics(&out.join("metrics.csv"), M::SEGMENTS)?;
+            output::write_metrics(&out.join("metrics.csv"), &[], M::SEGMENTS)?;
         }
         (model, RunState::default())
     };
@@ -245,6 +248,7 @@ where
                 state.wall_s = wall(&started);
                 if workers.writes() {
                     checkpoint(out, &state, &model, &optim)?;
+                    epoch_end.publish(&state)?;
                 }
                 let final_val =
                     validate::<B, M>(data, &val_batcher, &model, batch_size, device, &log)?;
@@ -269,7 +273,11 @@ where
         let final_val = (row.val_loss, row.val_score);
         rows.push(row);
         if workers.writes() {
+            // Checkpoint first (it holds every row), then metrics.csv: a kill between the two
+            // is repaired on resume, which rewrites metrics.csv from the checkpoint.
             checkpoint(out, &state, &model, &optim)?;
+            output::fault_point("after-checkpoint");
+            epoch_end.publish(&state)?;
         }
         if state.epoch == args.epochs {
             agree(workers, &model, &log)?;
@@ -388,11 +396,11 @@ impl<B: AutodiffBackend> EpochEnd<'_, B> {
         state.step_in_epoch = 0;
         state.train = Tally::default();
         state.wall_s = wall_s;
+        state.rows.push(row.clone());
         if !self.workers.writes() {
             return Ok(row);
         }
         let out = args.out.as_path();
-        output::append_metrics(&out.join("metrics.csv"), &row)?;
         let score = if M::SEGMENTS { "dice" } else { "acc" };
         output::log(
             out,
@@ -410,11 +418,41 @@ impl<B: AutodiffBackend> EpochEnd<'_, B> {
                 row.mode
             ),
         );
+        Ok(row)
+    }
+
+    /// Writes `metrics.csv` from the run's rows and redraws `curves.png` (rank 0, after the
+    /// checkpoint).
+    fn publish(&self, state: &RunState) -> Result<(), String> {
+        let out = self.args.out.as_path();
+        let segments = self.args.dataset.is_segmentation();
+        output::write_metrics(&out.join("metrics.csv"), &state.rows, segments)?;
         if let Err(e) = crate::plot::curves(&out.join("metrics.csv"), &out.join("curves.png")) {
             output::log(out, &format!("could not draw curves.png: {e}"));
         }
-        Ok(row)
+        Ok(())
     }
+}
+
+/// On resume: `metrics.csv` becomes the checkpoint's rows (a run killed after its checkpoint and
+/// before its metrics gets the missing row back; one killed before gets no duplicate). A
+/// checkpoint from before rows were saved keeps the file's first `epoch` rows.
+fn restore_metrics(out: &Path, state: &mut RunState, segments: bool) -> Result<(), String> {
+    let path = out.join("metrics.csv");
+    if state.rows.len() as u64 != state.epoch {
+        let mut rows = output::read_metrics(&path)?;
+        rows.truncate(state.epoch as usize);
+        if rows.len() as u64 != state.epoch {
+            return Err(format!(
+                "{}: {} rows, but the checkpoint is at epoch {}",
+                path.display(),
+                rows.len(),
+                state.epoch
+            ));
+        }
+        state.rows = rows;
+    }
+    output::write_metrics(&path, &state.rows, segments)
 }
 
 /// In a distributed run, checks that every rank ends with the same weights and logs it.

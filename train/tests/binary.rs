@@ -106,3 +106,108 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     );
     assert!(String::from_utf8_lossy(&resumed.stdout).contains(&format!("{} steps", steps + 1)));
 }
+
+fn metrics_without_wall_time(dir: &std::path::Path) -> Vec<String> {
+    hylo_train::output::read_metrics(&dir.join("metrics.csv"))
+        .unwrap()
+        .into_iter()
+        .map(|mut r| {
+            r.wall_s = 0.0;
+            format!("{r:?}")
+        })
+        .collect()
+}
+
+const SHORT_RUN: [&str; 12] = [
+    "classify",
+    "--epochs",
+    "3",
+    "--train-samples",
+    "128",
+    "--val-samples",
+    "32",
+    "--batch-size",
+    "32",
+    "--freq",
+    "3",
+    "--out",
+];
+
+#[test]
+fn a_run_killed_between_checkpoint_and_metrics_resumes_to_the_same_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let out = bin().args(SHORT_RUN).arg(&whole).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Killed right after the first epoch's checkpoint, before its metrics.csv row.
+    let killed = dir.path().join("killed");
+    let out = bin()
+        .args(SHORT_RUN)
+        .arg(&killed)
+        .env("HYLO_FAULT", "after-checkpoint")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the fault point did not fire");
+    assert_eq!(metrics_without_wall_time(&killed).len(), 0, "no row yet");
+    let out = bin()
+        .args(["classify", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        metrics_without_wall_time(&killed),
+        metrics_without_wall_time(&whole)
+    );
+    assert_eq!(metrics_without_wall_time(&whole).len(), 3);
+}
+
+#[test]
+fn steps_that_keep_failing_stop_the_run_with_the_last_checkpoint_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // From epoch 1 on the learning rate is 1e30: the first such step overflows the weights,
+    // every later gradient is NaN and every update is skipped (4 steps an epoch; skips are
+    // checked every 2 steps).
+    let out = bin()
+        .args(SHORT_RUN)
+        .arg(&run)
+        .args([
+            "--optim",
+            "sngd",
+            "--milestones",
+            "1",
+            "--lr-decay",
+            "1e31",
+            "--log-every",
+            "2",
+            "--max-consecutive-skips",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("steps (up to step") && stderr.contains("--max-consecutive-skips 4"),
+        "{stderr}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    // The run stopped in epoch 3; the checkpoint of epoch 2 (step 8) is the one kept.
+    assert_eq!(
+        (state["epoch"].as_u64(), state["global_step"].as_u64()),
+        (Some(2), Some(8))
+    );
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("update(s) skipped"), "{log}");
+}
