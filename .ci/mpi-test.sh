@@ -47,4 +47,15 @@ rc=$?
 set -e
 test "$rc" -ne 0 && test "$rc" -ne 124
 grep -q "configuration mismatch" "$OUT/bad.log"
+
+# A rank that panics ends the whole job (its panic hook calls MPI_Abort) instead of leaving the
+# other waiting in a collective.
+set +e
+timeout 120 "${MPIRUN[@]}" -np 1 env HYLO_FAULT=panic-at-step-2 "$BIN" classify --distributed \
+    "${common[@]}" --out "$OUT/panic" : -np 1 "$BIN" classify --distributed "${common[@]}" \
+    --out "$OUT/panic" > "$OUT/panic.log" 2>&1
+rc=$?
+set -e
+test "$rc" -ne 0 && test "$rc" -ne 124
+grep -q "panicked" "$OUT/panic.log"
 echo "mpi tests passed"

@@ -223,9 +223,13 @@ pub fn find_checkpoint(out: &Path) -> Result<(CheckpointPaths, RunState), String
 }
 
 /// A fault-injection point for the crash tests: when the environment variable `HYLO_FAULT`
-/// names `point`, the process aborts here, as a kill at that moment would.
+/// names `point`, the process aborts here, as a kill at that moment would (`panic-*` points
+/// panic instead, as a bug would).
 pub fn fault_point(point: &str) {
     if std::env::var("HYLO_FAULT").is_ok_and(|p| p == point) {
+        if point.starts_with("panic") {
+            panic!("HYLO_FAULT={point}");
+        }
         eprintln!("HYLO_FAULT={point}: aborting");
         std::process::abort();
     }

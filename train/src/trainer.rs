@@ -182,6 +182,9 @@ where
         step_bar.set_position(state.step_in_epoch);
         for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
             let batch = batch.map_err(|e| e.to_string())?;
+            if state.global_step == 2 {
+                output::fault_point("panic-at-step-2");
+            }
             for bad in &batch.skipped {
                 log(&format!(
                     "training sample skipped (--skip-bad-samples): {bad}"
