@@ -2,9 +2,11 @@
 
 use burn::module::Initializer;
 use burn::nn::conv::Conv2dConfig;
-use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d};
+use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use hylo_optim::capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
+
+use crate::batch_norm::{BatchNorm2d, BatchNorm2dConfig};
 
 /// Kaiming-normal initialiser for ReLU networks (fan-out mode, as torchvision's ResNets).
 pub fn kaiming_relu() -> Initializer {
@@ -48,6 +50,6 @@ pub fn captured_linear<B: Backend>(
 }
 
 /// Batch normalisation over `channels` with unit scale and zero shift.
-pub fn batch_norm<B: Backend>(channels: usize, device: &B::Device) -> BatchNorm<B> {
-    BatchNormConfig::new(channels).init(device)
+pub fn batch_norm<B: Backend>(channels: usize, device: &B::Device) -> BatchNorm2d<B> {
+    BatchNorm2dConfig::new(channels).init(device)
 }

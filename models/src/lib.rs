@@ -1,6 +1,7 @@
 //! Burn modules built from the curvature-capture wrappers of `hylo-optim`: every Linear and
 //! Conv2d of these models can be preconditioned.
 
+pub mod batch_norm;
 pub mod blocks;
 pub mod layers;
 pub mod mlp;
@@ -11,6 +12,7 @@ pub mod three_c1f;
 pub mod unet;
 pub mod zoo;
 
+pub use batch_norm::{BatchNorm2d, BatchNorm2dConfig};
 pub use layers::{preconditioned_layers, trainable_params, LayerInfo, LayerKind};
 pub use mlp::{Mlp, MlpConfig};
 pub use resnet_cifar::{CifarResNet, CifarResNetConfig};

@@ -1,8 +1,8 @@
 //! CIFAR ResNets (He et al. 2016, section 4.2): ResNet-20/32/44/56/110 with option-A shortcuts.
 
+use crate::batch_norm::BatchNorm2d;
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::BatchNorm;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{s, Tensor};
@@ -30,9 +30,9 @@ pub struct CifarResNetConfig {
 #[derive(Module, Debug)]
 pub struct BasicBlockA<B: Backend> {
     conv1: CapturedConv2d<B>,
-    bn1: BatchNorm<B>,
+    bn1: BatchNorm2d<B>,
     conv2: CapturedConv2d<B>,
-    bn2: BatchNorm<B>,
+    bn2: BatchNorm2d<B>,
     /// Zero channels added on each side of the subsampled shortcut (0 when shapes match).
     #[module(skip)]
     pad_channels: usize,
@@ -88,7 +88,7 @@ impl<B: Backend> BasicBlockA<B> {
 #[derive(Module, Debug)]
 pub struct CifarResNet<B: Backend> {
     stem: CapturedConv2d<B>,
-    bn: BatchNorm<B>,
+    bn: BatchNorm2d<B>,
     blocks: Vec<BasicBlockA<B>>,
     fc: CapturedLinear<B>,
 }

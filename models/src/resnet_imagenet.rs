@@ -1,9 +1,9 @@
 //! ImageNet ResNets in the torchvision layout: ResNet-18/34 (basic) and 50/101/152 (bottleneck,
 //! stride in the 3x3).
 
+use crate::batch_norm::BatchNorm2d;
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::BatchNorm;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::max_pool2d;
@@ -29,14 +29,14 @@ pub struct ImageNetResNetConfig {
 #[derive(Module, Debug)]
 pub struct Downsample<B: Backend> {
     conv: CapturedConv2d<B>,
-    bn: BatchNorm<B>,
+    bn: BatchNorm2d<B>,
 }
 
 /// A residual block: basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 expanding 4x).
 #[derive(Module, Debug)]
 pub struct ResidualBlock<B: Backend> {
     convs: Vec<CapturedConv2d<B>>,
-    bns: Vec<BatchNorm<B>>,
+    bns: Vec<BatchNorm2d<B>>,
     downsample: Option<Downsample<B>>,
 }
 
@@ -100,7 +100,7 @@ impl<B: Backend> ResidualBlock<B> {
 #[derive(Module, Debug)]
 pub struct ImageNetResNet<B: Backend> {
     stem: CapturedConv2d<B>,
-    bn: BatchNorm<B>,
+    bn: BatchNorm2d<B>,
     blocks: Vec<ResidualBlock<B>>,
     fc: CapturedLinear<B>,
 }

@@ -1,9 +1,9 @@
 //! U-Net of the LGG brain-MRI study (Buda et al. 2019): the HyLo paper's segmentation model.
 
+use crate::batch_norm::BatchNorm2d;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::{ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::BatchNorm;
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::max_pool2d;
@@ -30,9 +30,9 @@ pub struct UNetConfig {
 #[derive(Module, Debug)]
 pub struct UNetBlock<B: Backend> {
     conv1: CapturedConv2d<B>,
-    bn1: BatchNorm<B>,
+    bn1: BatchNorm2d<B>,
     conv2: CapturedConv2d<B>,
-    bn2: BatchNorm<B>,
+    bn2: BatchNorm2d<B>,
 }
 
 impl<B: Backend> UNetBlock<B> {

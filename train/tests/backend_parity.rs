@@ -18,7 +18,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::nn::PaddingConfig2d;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
@@ -28,6 +28,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use hylo_datasets::{
     loader, EpochOrder, Normalization, SampleBatcher, SampleSource, SyntheticClassification,
 };
+use hylo_models::{BatchNorm2d, BatchNorm2dConfig};
 use hylo_optim::capture::{
     CaptureHandle, CapturedConv2d, CapturedInput, CapturedLinear, LayerCapture, LayerGeometry,
 };
@@ -84,9 +85,9 @@ const BATCH: usize = 16;
 #[derive(Module, Debug)]
 struct ParityNet<B: Backend> {
     conv1: CapturedConv2d<B>,
-    bn1: BatchNorm<B>,
+    bn1: BatchNorm2d<B>,
     conv2: CapturedConv2d<B>,
-    bn2: BatchNorm<B>,
+    bn2: BatchNorm2d<B>,
     plain: Conv2d<B>,
     head: CapturedLinear<B>,
 }
@@ -102,9 +103,9 @@ impl<B: Backend> ParityNet<B> {
         let out = (SIDE + 2 - 3) / 2 + 1;
         Self {
             conv1: CapturedConv2d::from_config(&conv([3, 6], 1, false), capture, device).unwrap(),
-            bn1: BatchNormConfig::new(6).init(device),
+            bn1: BatchNorm2dConfig::new(6).init(device),
             conv2: CapturedConv2d::from_config(&conv([6, 8], 2, true), capture, device).unwrap(),
-            bn2: BatchNormConfig::new(8).init(device),
+            bn2: BatchNorm2dConfig::new(8).init(device),
             plain: Conv2dConfig::new([8, 8], [1, 1]).init(device),
             head: CapturedLinear::from_config(
                 &burn::nn::LinearConfig::new(8 * out * out, CLASSES),
