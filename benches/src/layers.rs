@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, ElementConversion, Tensor};
 use hylo_optim::capture::{CaptureHandle, CapturedInput, LayerCapture, LayerGeometry};
 use hylo_optim::factors::{kfac_factors, per_sample_rows};
-use hylo_optim::precond::{kid, kis, sngd, KfacState};
+use hylo_optim::precond::{kid, kis, sngd, KfacMethod, KfacState};
 use hylo_optim::ConvMode;
 use serde::Serialize;
 
@@ -160,16 +160,21 @@ pub fn synthetic_capture<D: Backend>(
 pub struct LayerTiming {
     /// K-FAC factor products (unfolded patches, A and G).
     pub kfac_factors: f64,
-    /// K-FAC eigendecompositions of A and G.
+    /// K-FAC eigendecompositions of A and G (f32, as KAISA's).
     pub kfac_eigen: f64,
+    /// K-FAC's inverse method: Cholesky inverses of the damped A and G.
+    pub kfac_inverse: f64,
     /// SNGD refresh (rows, n x n kernel, Cholesky).
     pub sngd: f64,
     /// HyLo-KID refresh (rows, kernel, pivoted QR, middle matrix).
     pub kid: f64,
     /// HyLo-KIS refresh (rows, sampling, r x r kernel, Cholesky).
     pub kis: f64,
-    /// K-FAC preconditioning of one gradient.
+    /// K-FAC preconditioning of one gradient (eigen method: four products with the
+    /// eigenbases).
     pub apply_kfac: f64,
+    /// K-FAC preconditioning with the inverses (two products).
+    pub apply_kfac_inverse: f64,
     /// SNGD preconditioning of one gradient.
     pub apply_sngd: f64,
     /// HyLo preconditioning of one gradient (KID or KIS: both keep r rows).
@@ -177,9 +182,14 @@ pub struct LayerTiming {
 }
 
 impl LayerTiming {
-    /// K-FAC's whole refresh.
+    /// K-FAC's whole refresh (eigen method).
     pub fn kfac(&self) -> f64 {
         self.kfac_factors + self.kfac_eigen
+    }
+
+    /// K-FAC's whole refresh with the inverse method.
+    pub fn kfac_inverse_refresh(&self) -> f64 {
+        self.kfac_factors + self.kfac_inverse
     }
 }
 
@@ -188,14 +198,15 @@ fn sync<D: Backend>(t: Tensor<D, 2>) -> f32 {
     t.sum().into_scalar().elem()
 }
 
-/// Times every method on `case` at batch `n`; eigendecompositions are shared between shapes of
-/// equal factor sizes through `eigen_cache` (their cost depends on the size only).
+/// Times every method on `case` at batch `n`; eigendecompositions and inverses are shared
+/// between shapes of equal factor sizes through `eigen_cache` (their cost depends on the size
+/// only).
 pub fn time_layer<D: Backend>(
     case: &LayerCase,
     n: usize,
     rho: f64,
     repeats: usize,
-    eigen_cache: &mut HashMap<(usize, usize), f64>,
+    eigen_cache: &mut HashMap<(usize, usize), (f64, f64)>,
     device: &D::Device,
 ) -> LayerTiming {
     let capture = synthetic_capture::<D>(case, n, device);
@@ -221,17 +232,28 @@ pub fn time_layer<D: Backend>(
     let (a, g) = kfac_factors(&capture);
     let mut kfac = KfacState::new(a, g);
     let key = (case.d_in, case.d_out);
-    let eigen = *eigen_cache
-        .entry(key)
-        .or_insert_with(|| seconds(1, || kfac.clone().update_inverses().unwrap()));
+    let (eigen, inverse) = *eigen_cache.entry(key).or_insert_with(|| {
+        (
+            seconds(1, || kfac.clone().update_inverses(damping).unwrap()),
+            seconds(1, || {
+                kfac.clone().invert(KfacMethod::Inverse, damping).unwrap()
+            }),
+        )
+    });
     t.kfac_eigen = eigen;
-    kfac.update_inverses().unwrap();
+    t.kfac_inverse = inverse;
+    let mut inverted = kfac.clone();
+    inverted.invert(KfacMethod::Inverse, damping).unwrap();
+    kfac.update_inverses(damping).unwrap();
     let grad = Tensor::<D, 2>::random(
         [case.d_out, case.d_in],
         Distribution::Normal(0.0, 1.0),
         device,
     );
     t.apply_kfac = seconds(repeats.max(3), || sync(kfac.apply(grad.clone(), damping)));
+    t.apply_kfac_inverse = seconds(repeats.max(3), || {
+        sync(inverted.apply(grad.clone(), damping))
+    });
     let sngd_state = sngd::refresh(per_sample_rows(&capture, mode), damping).unwrap();
     t.apply_sngd = seconds(repeats.max(3), || sync(sngd_state.apply(grad.clone())));
     let kis_state = kis::refresh(per_sample_rows(&capture, mode), damping, rho, 7).unwrap();

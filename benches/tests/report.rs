@@ -53,10 +53,12 @@ fn a_layer_times_every_method() {
     for v in [
         t.kfac_factors,
         t.kfac_eigen,
+        t.kfac_inverse,
         t.sngd,
         t.kid,
         t.kis,
         t.apply_kfac,
+        t.apply_kfac_inverse,
         t.apply_sngd,
         t.apply_hylo,
     ] {

@@ -22,5 +22,5 @@ pub use factors::ConvMode;
 pub use optimizer::{
     CurvatureConfig, HyloConfig, KfacConfig, NaturalGradient, SngdConfig, StepReport,
 };
-pub use precond::{HyloMode, SwitchPolicy};
+pub use precond::{HyloMode, KfacMethod, SwitchPolicy};
 pub use schedule::DampingConfig;

@@ -29,6 +29,7 @@ enum Kind {
     Sgd,
     Sngd,
     Kfac,
+    KfacInverse,
     Kid,
     Kis,
 }
@@ -62,10 +63,15 @@ fn train(
                 .init::<TB>(&capture)
                 .unwrap(),
         ),
-        Kind::Kfac => Some(
+        Kind::Kfac | Kind::KfacInverse => Some(
             KfacConfig::new()
                 .with_curvature(curvature())
                 .with_inverse_every(1)
+                .with_method(if matches!(kind, Kind::Kfac) {
+                    hylo_optim::KfacMethod::Eigen
+                } else {
+                    hylo_optim::KfacMethod::Inverse
+                })
                 .init::<TB>(&capture)
                 .unwrap(),
         ),
@@ -141,7 +147,7 @@ fn initial() -> Cnn<TB> {
 #[test]
 fn one_step_on_two_shards_equals_one_process_on_their_union() {
     let record = initial();
-    for kind in [Kind::Sgd, Kind::Sngd, Kind::Kfac] {
+    for kind in [Kind::Sgd, Kind::Sngd, Kind::Kfac, Kind::KfacInverse] {
         let (single, _) = train(kind, &record, 0..16, Arc::new(Single), 1);
         let workers = two_workers(kind, &record, 1);
         assert_eq!(workers[0].0, workers[1].0, "{kind:?}: workers disagree");
@@ -208,6 +214,12 @@ fn bytes_per_refresh_follow_the_formula() {
     assert_eq!(
         bytes.broadcast,
         4 * layers().map(|(a, g)| a * a + a + g * g + g).sum::<u64>()
+    );
+    // K-FAC's inverse method broadcasts the two inverses.
+    let inverse = two_workers(Kind::KfacInverse, &record, 1);
+    assert_eq!(
+        inverse[0].1[0].comm.broadcast,
+        4 * layers().map(|(a, g)| a * a + g * g).sum::<u64>()
     );
     // SNGD: all b rows of every worker; its broadcast is the N x N matrix.
     let sngd = two_workers(Kind::Sngd, &record, 1);

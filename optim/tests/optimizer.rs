@@ -140,7 +140,7 @@ fn curvature(freq: usize) -> CurvatureConfig {
         )
 }
 
-const NAMES: [&str; 3] = ["sngd", "kfac", "hylo"];
+const NAMES: [&str; 4] = ["sngd", "kfac", "kfac-inverse", "hylo"];
 
 /// Optimizer `name` reading curvature from `capture` (each test run needs its own handle: an
 /// optimizer arms its handle for its own curvature steps).
@@ -166,6 +166,15 @@ fn optimizers(capture: &CaptureHandle) -> Vec<(&'static str, NaturalGradient<TB>
             KfacConfig::new()
                 .with_curvature(curvature(1).with_kl_clip(Some(0.01)))
                 .with_inverse_every(2)
+                .init(capture)
+                .unwrap(),
+        ),
+        (
+            "kfac-inverse",
+            KfacConfig::new()
+                .with_curvature(curvature(1))
+                .with_inverse_every(2)
+                .with_method(hylo_optim::KfacMethod::Inverse)
                 .init(capture)
                 .unwrap(),
         ),

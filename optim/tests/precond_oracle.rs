@@ -8,7 +8,7 @@ use common::*;
 use faer::Mat;
 use hylo_optim::capture::{CapturedInput, LayerCapture, LayerGeometry};
 use hylo_optim::factors::kfac_factors;
-use hylo_optim::precond::{kid, kis, sngd, KfacState};
+use hylo_optim::precond::{kid, kis, sngd, KfacMethod, KfacState};
 use hylo_optim::rows::PerSampleRows;
 
 fn linear_capture(n: usize, d_in: usize, d_out: usize, seed: u64) -> LayerCapture<IB> {
@@ -44,13 +44,85 @@ fn kfac_direction_matches_dense_kronecker() {
     let capture = linear_capture(8, 4, 3, 10);
     let (a, g) = kfac_factors(&capture);
     let mut state = KfacState::new(a.clone(), g.clone());
-    state.update_inverses().unwrap();
-    let ghat = tensor::<IB, 2>(20, [3, 5]);
     let lambda = 0.03;
+    state.update_inverses(lambda).unwrap();
+    let ghat = tensor::<IB, 2>(20, [3, 5]);
     let v = to_vec(state.apply(ghat.clone(), lambda));
     let oracle = dense_kron_solve(&to_mat(a), &to_mat(g), &to_vec(ghat), lambda);
     let err = rel_err(&v, &oracle);
     assert!(err <= 1e-4, "K-FAC relative error {err}");
+}
+
+/// Dense ((G + s I) kron (A + s I))^-1 vec(X).
+fn dense_damped_factors_solve(a: &Mat<f64>, g: &Mat<f64>, x: &[f64], s: f64) -> Vec<f64> {
+    let (da, dg) = (a.nrows(), g.nrows());
+    let a = a + Mat::<f64>::identity(da, da) * s;
+    let g = g + Mat::<f64>::identity(dg, dg) * s;
+    dense_kron_solve(&a, &g, x, 0.0)
+}
+
+#[test]
+fn kfac_inverse_method_matches_the_dense_damped_kronecker() {
+    let capture = linear_capture(8, 4, 3, 11);
+    let (a, g) = kfac_factors(&capture);
+    let mut state = KfacState::new(a.clone(), g.clone());
+    let lambda = 0.04;
+    state.invert(KfacMethod::Inverse, lambda).unwrap();
+    let ghat = tensor::<IB, 2>(21, [3, 5]);
+    // The damping baked in at inversion time is used, whatever is passed later.
+    let v = to_vec(state.apply(ghat.clone(), 123.0));
+    let oracle = dense_damped_factors_solve(&to_mat(a), &to_mat(g), &to_vec(ghat), lambda.sqrt());
+    let err = rel_err(&v, &oracle);
+    assert!(err <= 1e-4, "K-FAC inverse method: relative error {err}");
+}
+
+#[test]
+fn kfac_eigen_is_accurate_on_ill_conditioned_factors() {
+    // Factors with eigenvalues from 1 down to 1e-8 (condition number 1e8) and random
+    // eigenvectors; the direction from the f32 eigendecomposition against the f64 dense solve.
+    let (da, dg) = (24, 10);
+    let orthogonal = |n: usize, seed: u64| {
+        let m = Mat::from_fn(n, n, |i, j| values(seed + (i * n + j) as u64, 1)[0] as f64);
+        let (q, _, _) = hylo_optim::linalg::pivoted_qr(m.as_ref());
+        q
+    };
+    let spectrum = |n: usize| {
+        Mat::from_fn(n, n, |i, j| {
+            if i == j {
+                10f64.powf(-8.0 * i as f64 / (n - 1) as f64)
+            } else {
+                0.0
+            }
+        })
+    };
+    let (qa, qg) = (orthogonal(da, 40), orthogonal(dg, 41));
+    let a = &qa * spectrum(da) * qa.transpose();
+    let g = &qg * spectrum(dg) * qg.transpose();
+    let dev = Default::default();
+    let device = |m: &Mat<f64>| hylo_optim::linalg::to_device::<IB>(m.as_ref(), &dev);
+    let ghat = tensor::<IB, 2>(42, [dg, da]);
+    // 1e-2 .. 1e-4 use the f32 decompositions, 1e-6 and 1e-8 the f64 ones.
+    for lambda in [1e-2, 1e-3, 1e-4, 1e-6, 1e-8] {
+        let mut state = KfacState::new(device(&a), device(&g));
+        state.update_inverses(lambda).unwrap();
+        let v = to_vec(state.apply(ghat.clone(), lambda));
+        // The oracle sees the factors as the device holds them (rounded to f32).
+        let (a32, g32) = (to_mat(device(&a)), to_mat(device(&g)));
+        let oracle = dense_kron_solve(&a32, &g32, &to_vec(ghat.clone()), lambda);
+        let err = rel_err(&v, &oracle);
+        assert!(err <= 1e-4, "lambda {lambda}: relative error {err}");
+        // The inverse method on the same factors (f32 Cholesky above 1e-4 of the largest
+        // diagonal entry, f64 below).
+        let mut state = KfacState::new(device(&a), device(&g));
+        state.invert(KfacMethod::Inverse, lambda).unwrap();
+        let v = to_vec(state.apply(ghat.clone(), lambda));
+        let oracle = dense_damped_factors_solve(&a32, &g32, &to_vec(ghat.clone()), lambda.sqrt());
+        let err = rel_err(&v, &oracle);
+        assert!(
+            err <= 1e-4,
+            "inverse method, lambda {lambda}: relative error {err}"
+        );
+    }
 }
 
 #[test]

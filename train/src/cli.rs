@@ -24,6 +24,26 @@ pub enum OptimName {
     Hylo,
 }
 
+/// `--kfac-method`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KfacMethodArg {
+    /// Eigendecompositions of the factors.
+    #[default]
+    Eigen,
+    /// Cholesky inverses of the damped factors.
+    Inverse,
+}
+
+impl From<KfacMethodArg> for hylo_optim::KfacMethod {
+    fn from(m: KfacMethodArg) -> Self {
+        match m {
+            KfacMethodArg::Eigen => Self::Eigen,
+            KfacMethodArg::Inverse => Self::Inverse,
+        }
+    }
+}
+
 /// Datasets the binary reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -128,6 +148,12 @@ pub struct TrainArgs {
     /// K-FAC eigendecomposition period (a multiple of --freq; default: --freq).
     #[arg(long)]
     pub inverse_every: Option<u64>,
+    /// How K-FAC inverts its factors: eigen (eigendecompositions, exact damped Kronecker
+    /// inverse) or inverse (Cholesky inverses of the factors damped by sqrt(damping) each;
+    /// much cheaper, the damping is fixed at each inversion).
+    #[arg(long, value_enum, default_value = "eigen")]
+    #[serde(default)]
+    pub kfac_method: KfacMethodArg,
     /// cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,

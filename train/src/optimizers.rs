@@ -73,6 +73,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             OptimName::Kfac => Self::Natural(Box::new(
                 KfacConfig::new()
                     .with_inverse_every(args.inverse_every.unwrap_or(args.freq) as usize)
+                    .with_method(args.kfac_method.into())
                     .with_curvature(curvature)
                     .init(capture)
                     .map_err(err)?,

@@ -554,7 +554,7 @@ fn directions<B: Backend>(
     match eigen {
         Some(buf) => state.eigen_from_host(buf, d_in, d_out),
         None => {
-            state.update_inverses().unwrap();
+            state.update_inverses(0.1).unwrap();
             *eigen = Some(state.eigen_to_host());
         }
     }

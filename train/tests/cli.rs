@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use hylo_train::app::{info, run_training, Cli, Command, InfoArgs, TrainCommand};
 use hylo_train::demo::{run as run_demo, table, DemoArgs};
 use hylo_train::output::read_metrics;
@@ -124,6 +124,38 @@ fn a_short_run_writes_every_output() {
         .contains("epoch 2 step 16"));
     let png = std::fs::read(out.join("curves.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
+}
+
+#[test]
+fn kfac_inverts_by_either_method() {
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["eigen", "inverse"] {
+        let out = dir.path().join(method);
+        let command = tiny("kfac", &out, &format!("--kfac-method {method}"));
+        assert_eq!(
+            command
+                .args
+                .kfac_method
+                .to_possible_value()
+                .unwrap()
+                .get_name(),
+            method
+        );
+        let outcome = run_training("classify", command).unwrap();
+        assert_eq!(outcome.stop, Stop::Finished);
+        assert!(
+            outcome.final_val.1 > 0.5,
+            "{method}: {:?}",
+            outcome.final_val
+        );
+        // The saved config resumes with the same method.
+        let saved = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(
+            saved.contains(&format!("\"kfac_method\": \"{method}\"")),
+            "{saved}"
+        );
+    }
+    assert!(parse("hylo-train classify --kfac-method cholesky").is_err());
 }
 
 #[test]

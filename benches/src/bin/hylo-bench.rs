@@ -150,8 +150,12 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
             "## ResNet-50 curvature per refresh, batch {n} (ms; x count = layers of that shape)\n"
         )
         .unwrap();
-        writeln!(md, "| layer shape | count | K-FAC factors | K-FAC eigh | K-FAC | SNGD | HyLo-KID | HyLo-KIS | apply K-FAC | apply SNGD | apply HyLo |").unwrap();
-        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
+        writeln!(md, "| layer shape | count | K-FAC factors | K-FAC eigh | K-FAC | K-FAC inverses | K-FAC (inverse method) | SNGD | HyLo-KID | HyLo-KIS | apply K-FAC | apply K-FAC (inverse) | apply SNGD | apply HyLo |").unwrap();
+        writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )
+        .unwrap();
         let mut total = LayerTiming::default();
         let layer_count: usize = cases.iter().map(|c| c.count).sum();
         let progress = bar(cases.len() as u64, &format!("ResNet-50 layers, batch {n}"));
@@ -162,6 +166,8 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
             let k = case.count as f64;
             total.kfac_factors += k * t.kfac_factors;
             total.kfac_eigen += k * t.kfac_eigen;
+            total.kfac_inverse += k * t.kfac_inverse;
+            total.apply_kfac_inverse += k * t.apply_kfac_inverse;
             total.sngd += k * t.sngd;
             total.kid += k * t.kid;
             total.kis += k * t.kis;
@@ -170,16 +176,19 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
             total.apply_hylo += k * t.apply_hylo;
             writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 case.shape,
                 case.count,
                 ms(t.kfac_factors),
                 ms(t.kfac_eigen),
                 ms(t.kfac()),
+                ms(t.kfac_inverse),
+                ms(t.kfac_inverse_refresh()),
                 ms(t.sngd),
                 ms(t.kid),
                 ms(t.kis),
                 ms(t.apply_kfac),
+                ms(t.apply_kfac_inverse),
                 ms(t.apply_sngd),
                 ms(t.apply_hylo)
             )
@@ -192,26 +201,32 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         }
         progress.finish_and_clear();
         eprintln!(
-            "ResNet-50 curvature, batch {n}: K-FAC {:.1} s, HyLo-KID {:.2} s, HyLo-KIS {:.2} s per refresh",
+            "ResNet-50 curvature, batch {n}: K-FAC {:.1} s (factors {:.1} s, eigh {:.1} s; inverse method {:.1} s), HyLo-KID {:.2} s, HyLo-KIS {:.2} s per refresh",
             total.kfac(),
+            total.kfac_factors,
+            total.kfac_eigen,
+            total.kfac_inverse_refresh(),
             total.kid,
             total.kis
         );
         writeln!(
             md,
-            "| **total ({layer_count} layers)** | | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| **total ({layer_count} layers)** | | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             ms(total.kfac_factors),
             ms(total.kfac_eigen),
             ms(total.kfac()),
+            ms(total.kfac_inverse),
+            ms(total.kfac_inverse_refresh()),
             ms(total.sngd),
             ms(total.kid),
             ms(total.kis),
             ms(total.apply_kfac),
+            ms(total.apply_kfac_inverse),
             ms(total.apply_sngd),
             ms(total.apply_hylo)
         )
         .unwrap();
-        writeln!(md, "\nRefresh ratio K-FAC / HyLo: {:.1}x against KID, {:.1}x against KIS; K-FAC / SNGD {:.1}x.\n", total.kfac() / total.kid, total.kfac() / total.kis, total.kfac() / total.sngd).unwrap();
+        writeln!(md, "\nRefresh ratio K-FAC / HyLo: {:.1}x against KID, {:.1}x against KIS; K-FAC / SNGD {:.1}x. With K-FAC's inverse method: {:.1}x against KID, {:.1}x against KIS.\n", total.kfac() / total.kid, total.kfac() / total.kis, total.kfac() / total.sngd, total.kfac_inverse_refresh() / total.kid, total.kfac_inverse_refresh() / total.kis).unwrap();
     }
 
     // 3: ResNet-32 steps.

@@ -17,6 +17,25 @@ pub fn to_host<B: Backend>(tensor: Tensor<B, 2>) -> Mat<f64> {
     Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
 }
 
+/// Copies a 2-D device tensor into a host f32 matrix.
+pub fn to_host_f32<B: Backend>(tensor: Tensor<B, 2>) -> Mat<f32> {
+    let [rows, cols] = tensor.dims();
+    let values = crate::host::read_f32(tensor);
+    Mat::from_fn(rows, cols, |i, j| values[i * cols + j])
+}
+
+/// Copies a host f32 matrix onto the device.
+pub fn to_device_f32<B: Backend>(matrix: MatRef<'_, f32>, device: &B::Device) -> Tensor<B, 2> {
+    let (rows, cols) = (matrix.nrows(), matrix.ncols());
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| matrix[(i, j)]))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(values, [rows, cols]).convert::<B::FloatElem>(),
+        device,
+    )
+}
+
 /// Copies a host matrix onto the device as a 2-D tensor of the backend's float type.
 pub fn to_device<B: Backend>(matrix: MatRef<'_, f64>, device: &B::Device) -> Tensor<B, 2> {
     let (rows, cols) = (matrix.nrows(), matrix.ncols());
@@ -59,6 +78,25 @@ pub fn spd_inverse(matrix: MatRef<'_, f64>) -> Result<Mat<f64>, CurvatureError> 
     check_finite(inverse, "Cholesky inverse")
 }
 
+/// [`spd_inverse`] in f32.
+pub fn spd_inverse_f32(matrix: MatRef<'_, f32>) -> Result<Mat<f32>, CurvatureError> {
+    let llt = matrix
+        .llt(Side::Lower)
+        .map_err(|_| CurvatureError::NotPositiveDefinite {
+            size: matrix.nrows(),
+        })?;
+    let inverse = llt.inverse();
+    let finite =
+        (0..inverse.ncols()).all(|j| (0..inverse.nrows()).all(|i| inverse[(i, j)].is_finite()));
+    if finite {
+        Ok(inverse)
+    } else {
+        Err(CurvatureError::NonFinite {
+            what: "Cholesky inverse",
+        })
+    }
+}
+
 /// Solves `matrix * x = rhs` for a symmetric positive definite `matrix` by Cholesky.
 pub fn spd_solve(
     matrix: MatRef<'_, f64>,
@@ -91,6 +129,33 @@ pub fn symmetric_eigen(matrix: MatRef<'_, f64>) -> Result<(Vec<f64>, Mat<f64>), 
                 what: "symmetric eigendecomposition",
             })?;
     let values: Vec<f64> = (0..matrix.nrows()).map(|i| evd.S()[i]).collect();
+    Ok((values, evd.U().to_owned()))
+}
+
+/// [`symmetric_eigen`] in f32 (as KAISA's): 2-3x faster on the large K-FAC factors; eigenvalues
+/// ascending (returned as f64), eigenvectors as columns.
+pub fn symmetric_eigen_f32(
+    matrix: MatRef<'_, f32>,
+) -> Result<(Vec<f64>, Mat<f32>), CurvatureError> {
+    let finite =
+        (0..matrix.ncols()).all(|j| (0..matrix.nrows()).all(|i| matrix[(i, j)].is_finite()));
+    if !finite {
+        return Err(CurvatureError::NonFinite {
+            what: "factor before eigendecomposition",
+        });
+    }
+    let evd =
+        matrix
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|_| CurvatureError::NoConvergence {
+                what: "symmetric eigendecomposition",
+            })?;
+    let values: Vec<f64> = (0..matrix.nrows()).map(|i| f64::from(evd.S()[i])).collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(CurvatureError::NonFinite {
+            what: "eigenvalues",
+        });
+    }
     Ok((values, evd.U().to_owned()))
 }
 

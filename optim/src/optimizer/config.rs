@@ -7,7 +7,7 @@ use super::NaturalGradient;
 use crate::capture::CaptureHandle;
 use crate::error::ConfigError;
 use crate::factors::ConvMode;
-use crate::precond::SwitchPolicy;
+use crate::precond::{KfacMethod, SwitchPolicy};
 use crate::schedule::DampingConfig;
 
 /// Settings shared by SNGD, K-FAC and HyLo.
@@ -82,6 +82,10 @@ pub struct KfacConfig {
     /// Running-average decay of the factors.
     #[config(default = 0.95)]
     pub factor_decay: f64,
+    /// How the factors are inverted: eigendecompositions (default) or Cholesky inverses of the
+    /// damped factors.
+    #[config(default = "KfacMethod::Eigen")]
+    pub method: KfacMethod,
 }
 
 /// HyLo: KID or KIS compression of the SNGD kernel, switched by a policy.
@@ -108,10 +112,12 @@ pub enum Method {
     Sngd,
     /// K-FAC.
     Kfac {
-        /// Steps between eigendecompositions.
+        /// Steps between eigendecompositions (or inversions).
         inverse_every: usize,
         /// Running-average decay of the factors.
         factor_decay: f64,
+        /// Eigendecompositions or inverses.
+        method: KfacMethod,
     },
     /// HyLo.
     Hylo {
@@ -162,6 +168,7 @@ impl KfacConfig {
         let method = Method::Kfac {
             inverse_every: self.inverse_every,
             factor_decay: self.factor_decay,
+            method: self.method,
         };
         NaturalGradient::new(method, self.curvature.clone(), capture)
     }

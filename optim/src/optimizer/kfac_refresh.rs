@@ -13,7 +13,7 @@ use crate::capture::LayerCapture;
 use crate::comm::{assign_owners, CommBytes, Communicator, Counted};
 use crate::factors::kfac_factors;
 use crate::host;
-use crate::precond::KfacState;
+use crate::precond::{KfacMethod, KfacState};
 
 fn from_vec<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(
@@ -23,15 +23,18 @@ fn from_vec<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -
 }
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
-    /// K-FAC refresh: factors every call, decompositions when `invert`; returns the failed
-    /// layers (they keep their previous decompositions) and the bytes moved.
+    /// K-FAC refresh: factors every call, decompositions by `method` when `invert` (or while a
+    /// layer has none); returns the failed layers (they keep their previous decompositions) and
+    /// the bytes moved.
     pub(super) fn refresh_kfac(
         &mut self,
         captures: &[LayerCapture<B::InnerBackend>],
         factor_decay: f64,
         invert: bool,
+        method: KfacMethod,
         comm: &dyn Communicator,
     ) -> (Failures, CommBytes) {
+        let damping = self.damping;
         let comm = Counted::new(comm);
         let (workers, rank) = (comm.size(), comm.rank());
         let mut factors: Vec<_> = captures.iter().map(kfac_factors).collect();
@@ -98,22 +101,22 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 unreachable!("set above")
             };
             if workers == 1 {
-                if let Err(e) = state.update_inverses() {
+                if let Err(e) = state.invert(method, damping) {
                     failures.push((capture.weight_id, e.to_string()));
                 }
                 continue;
             }
-            let mut buf = vec![f32::NAN; da * da + da + dg * dg + dg];
+            let mut buf = vec![f32::NAN; KfacState::<B::InnerBackend>::host_len(method, da, dg)];
             if owner == rank {
                 let mut local = state.clone();
-                match local.update_inverses() {
+                match local.invert(method, damping) {
                     Ok(()) => buf = local.eigen_to_host(),
                     Err(e) => failures.push((capture.weight_id, e.to_string())),
                 }
             }
             comm.broadcast(&mut buf, owner);
             if buf.iter().all(|v| v.is_finite()) {
-                state.eigen_from_host(&buf, da, dg);
+                state.decompositions_from_host(method, &buf, da, dg, damping);
             } else if owner != rank {
                 failures.push((
                     capture.weight_id,

@@ -49,7 +49,8 @@ pub struct LayerRecord<B: Backend> {
     /// Geometry, encoded by [`encode_geometry`].
     pub geometry: Vec<usize>,
     /// 1 low-rank Kronecker rows, 2 low-rank dense rows, 3 low-rank without rows (damped
-    /// identity), 4 K-FAC; 0 (no curvature) is read from earlier versions' records.
+    /// identity), 4 K-FAC (factors and eigendecompositions), 5 K-FAC (factors and damped
+    /// inverses); 0 (no curvature) is read from earlier versions' records.
     pub kind: u8,
     /// Damping of a low-rank state.
     pub damping: f64,
@@ -64,6 +65,7 @@ const KIND_KRONECKER: u8 = 1;
 const KIND_DENSE: u8 = 2;
 const KIND_IDENTITY: u8 = 3;
 const KIND_KFAC: u8 = 4;
+const KIND_KFAC_INVERSE: u8 = 5;
 
 fn encode_geometry(g: &LayerGeometry) -> Vec<usize> {
     match g {
@@ -134,10 +136,15 @@ pub(super) fn to_record<B: AutodiffBackend>(
                 },
                 Curvature::Kfac(state) => {
                     let mut t = vec![out::<B>(&state.a_factor), out::<B>(&state.g_factor)];
-                    if let (Some((qa, da)), Some((qg, dg))) = (&state.a_eigen, &state.g_eigen) {
-                        t.extend([out::<B>(qa), out::<B>(da), out::<B>(qg), out::<B>(dg)]);
+                    if let Some((a_inv, g_inv, damping)) = &state.inverses {
+                        t.extend([out::<B>(a_inv), out::<B>(g_inv)]);
+                        (KIND_KFAC_INVERSE, *damping, 0, t)
+                    } else {
+                        if let (Some((qa, da)), Some((qg, dg))) = (&state.a_eigen, &state.g_eigen) {
+                            t.extend([out::<B>(qa), out::<B>(da), out::<B>(qg), out::<B>(dg)]);
+                        }
+                        (KIND_KFAC, 0.0, 0, t)
                     }
-                    (KIND_KFAC, 0.0, 0, t)
                 }
             };
             LayerRecord {
@@ -236,6 +243,18 @@ pub(super) fn load_record<B: AutodiffBackend>(
                     state.a_eigen = Some((qa, da));
                     state.g_eigen = Some((qg, dg));
                 }
+                Curvature::Kfac(state)
+            }
+            (KIND_KFAC_INVERSE, 4) => {
+                let mut it = t.into_iter();
+                let (a_factor, g_factor, a_inv, g_inv) = (
+                    it.next().expect("length checked"),
+                    it.next().expect("length checked"),
+                    it.next().expect("length checked"),
+                    it.next().expect("length checked"),
+                );
+                let mut state = KfacState::new(a_factor, g_factor);
+                state.inverses = Some((a_inv, g_inv, layer.damping));
                 Curvature::Kfac(state)
             }
             (kind, count) => {

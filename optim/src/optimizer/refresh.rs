@@ -61,12 +61,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             Method::Kfac {
                 inverse_every,
                 factor_decay,
+                method,
             } => {
                 let invert = self.step.is_multiple_of(inverse_every);
                 if invert {
                     self.advance_damping();
                 }
-                self.refresh_kfac(&captures, factor_decay, invert, comm.as_ref())
+                self.refresh_kfac(&captures, factor_decay, invert, method, comm.as_ref())
             }
         }
     }

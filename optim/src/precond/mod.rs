@@ -7,6 +7,6 @@ pub mod lowrank;
 pub mod sngd;
 pub mod switch;
 
-pub use kfac::KfacState;
+pub use kfac::{KfacMethod, KfacState};
 pub use lowrank::LowRankState;
 pub use switch::{HyloMode, SwitchPolicy};
