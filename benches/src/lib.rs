@@ -2,6 +2,8 @@
 //! per-step preconditioning of K-FAC, SNGD and HyLo on real model shapes, training-step times,
 //! communication volumes, optimizer-state memory and data-loading throughput.
 
+#![warn(missing_docs)]
+
 pub mod comm;
 pub mod layers;
 pub mod steps;

@@ -2,6 +2,8 @@
 //! (CIFAR, IDX, image folders, LGG MRI), synthetic defaults, augmentation and batching.
 //! Nothing is downloaded.
 
+#![warn(missing_docs)]
+
 pub mod augment;
 pub mod batcher;
 pub mod cifar;

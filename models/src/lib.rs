@@ -1,6 +1,8 @@
 //! Burn modules built from the curvature-capture wrappers of `hylo-optim`: every Linear and
 //! Conv2d of these models can be preconditioned.
 
+#![warn(missing_docs)]
+
 pub mod batch_norm;
 pub mod blocks;
 pub mod layers;

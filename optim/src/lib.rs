@@ -1,9 +1,83 @@
-//! HyLo, SNGD and K-FAC natural-gradient optimizers for Burn.
+//! HyLo, SNGD and K-FAC natural-gradient optimizers for [Burn](https://burn.dev).
 //!
-//! Build a model from [`capture::CapturedLinear`] and [`capture::CapturedConv2d`], share one
-//! [`capture::CaptureHandle`] between the model and the optimizer, and collect the probes'
-//! gradients after backward with [`capture::CaptureHandle::gradients`]. See the README for a
-//! complete training loop.
+//! - **HyLo** (hybrid low-rank natural gradient, Mu et al., SC'22): KID (Kronecker interpolative
+//!   decomposition) and KIS (Kronecker importance sampling) compressions of the per-sample
+//!   kernel, switched by the phase of training ([`HyloConfig`]).
+//! - **SNGD**: the exact damped natural gradient through Sherman-Morrison-Woodbury
+//!   ([`SngdConfig`]).
+//! - **K-FAC**: Kronecker-factored curvature with eigendecompositions or inverses, as in KAISA
+//!   ([`KfacConfig`]).
+//!
+//! Each is a Burn [`Optimizer`](burn::optim::Optimizer) generic over the backend (CPU, WGPU,
+//! CUDA) that preconditions the layers built from the capture wrappers [`CapturedLinear`] and
+//! [`CapturedConv2d`] (drop-in for Burn's `Linear` and `Conv2d`) and gives every other parameter
+//! SGD with momentum. Data-parallel training goes through the [`comm::Communicator`] trait (MPI
+//! with the `mpi` feature). Minimum Rust version: 1.92 (Burn 0.21's).
+//!
+//! The model and the optimizer share one [`CaptureHandle`]; the only change to a Burn training
+//! loop is that the gradients go through it:
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::module::Module;
+//! use burn::nn::loss::CrossEntropyLossConfig;
+//! use burn::nn::LinearConfig;
+//! use burn::optim::Optimizer;
+//! use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+//! use hylo_optim::{CaptureHandle, CapturedLinear, CurvatureConfig, HyloConfig};
+//!
+//! type B = Autodiff<Flex>;
+//!
+//! #[derive(Module, Debug)]
+//! struct Net<B: Backend> {
+//!     hidden: CapturedLinear<B>,
+//!     out: CapturedLinear<B>,
+//! }
+//!
+//! impl<B: Backend> Net<B> {
+//!     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+//!         self.out.forward(burn::tensor::activation::relu(self.hidden.forward(x)))
+//!     }
+//! }
+//!
+//! let device = Default::default();
+//! let capture = CaptureHandle::new();
+//! let mut model = Net::<B> {
+//!     hidden: CapturedLinear::from_config(&LinearConfig::new(4, 16), &capture, &device),
+//!     out: CapturedLinear::from_config(&LinearConfig::new(16, 3), &capture, &device),
+//! };
+//! let mut optim = HyloConfig::new()
+//!     .with_curvature(CurvatureConfig::new().with_freq(2))
+//!     .init::<B>(&capture)
+//!     .expect("valid settings");
+//!
+//! // Class = index of the largest of the first three features.
+//! let x: Vec<f32> = (0..64 * 4).map(|i| ((i * 37 % 17) as f32 / 8.5) - 1.0).collect();
+//! let y: Vec<i64> = x.chunks(4).map(|r| {
+//!     (0..3).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as i64
+//! }).collect();
+//! let x = Tensor::<B, 2>::from_data(TensorData::new(x, [64, 4]), &device);
+//! let y = Tensor::<B, 1, Int>::from_data(TensorData::new(y, [64]), &device);
+//! let loss_fn = CrossEntropyLossConfig::new().init(&device);
+//!
+//! let initial = loss_fn.forward(model.forward(x.clone()), y.clone()).into_scalar();
+//! for _ in 0..20 {
+//!     let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+//!     // Instead of GradientsParams::from_grads(loss.backward(), &model):
+//!     let grads = capture.gradients(loss.backward(), &model);
+//!     model = optim.step(0.1, model, grads);
+//! }
+//! let last = loss_fn.forward(model.forward(x), y).into_scalar();
+//! assert!(last < 0.5 * initial, "{last} vs {initial}");
+//! // What the last step did: refreshed curvature, HyLo's mode (KID or KIS), fallbacks.
+//! let report = optim.last_report();
+//! assert!(!report.skipped && report.fallbacks.is_empty());
+//! ```
+//!
+//! The README has the whole picture (schedules, the `Learner`, distributed training), the
+//! `examples/` directory complete programs (`custom_loop`, `learner`).
+
+#![warn(missing_docs)]
 
 pub mod capture;
 pub mod comm;
@@ -20,7 +94,8 @@ pub mod schedule;
 pub use capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
 pub use factors::ConvMode;
 pub use optimizer::{
-    CurvatureConfig, HyloConfig, KfacConfig, NaturalGradient, SngdConfig, StepReport,
+    CurvatureConfig, HyloConfig, KfacConfig, NaturalGradient, ReportObserver, SngdConfig,
+    StepReport,
 };
 pub use precond::{HyloMode, KfacMethod, SwitchPolicy};
 pub use schedule::DampingConfig;

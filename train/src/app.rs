@@ -62,21 +62,33 @@ pub struct InfoArgs {
     /// Model name.
     #[arg(long)]
     pub model: String,
-    /// Classes of the classifier.
-    #[arg(long, default_value_t = 1000)]
-    pub classes: usize,
-    /// Input channels.
-    #[arg(long, default_value_t = 3)]
-    pub channels: usize,
-    /// Input side (small-cnn, mlp and 3c1f depend on it).
-    #[arg(long, default_value_t = 32)]
-    pub image_size: usize,
+    /// Classes of the classifier (default: the dataset the model was made for).
+    #[arg(long)]
+    pub classes: Option<usize>,
+    /// Input channels (default: the dataset the model was made for).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Input side (default: the dataset the model was made for; small-cnn, mlp and 3c1f depend
+    /// on it).
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// CIFAR ResNets: biased convolutions.
     #[arg(long)]
     pub conv_bias: bool,
     /// U-Net: channels at the first level.
     #[arg(long, default_value_t = 32)]
     pub init_features: usize,
+}
+
+/// The data a model was made for: `(setting, channels, side, classes)`.
+pub fn native_shape(model: ModelName) -> (&'static str, usize, usize, usize) {
+    match model {
+        ModelName::CifarResNet(_) => ("CIFAR-10", 3, 32, 10),
+        ModelName::ImageNetResNet(_) => ("ImageNet", 3, 224, 1000),
+        ModelName::ThreeC1F => ("Fashion-MNIST", 1, 28, 10),
+        ModelName::UNet => ("LGG brain MRI", 3, 256, 1),
+        ModelName::SmallCnn | ModelName::Mlp => ("the synthetic set", 1, 12, 4),
+    }
 }
 
 /// `compare`.
@@ -262,20 +274,26 @@ fn on_device<B: AutodiffBackend, M: burn::module::Module<B>>(
     Ok(template.load_record(record))
 }
 
-/// The `info` report: parameter count and the preconditioned layers with their shapes.
+/// The `info` report: the input shape assumed, the parameter count and the preconditioned
+/// layers with their shapes.
 pub fn info(args: &InfoArgs) -> Result<String, String> {
     type B = burn::backend::Flex;
     let device = Default::default();
     let capture = CaptureHandle::new();
     let model: ModelName = args.model.parse()?;
+    let (setting, channels, side, classes) = native_shape(model);
+    let given = args.channels.is_some() || args.image_size.is_some() || args.classes.is_some();
+    let channels = args.channels.unwrap_or(channels);
+    let side = args.image_size.unwrap_or(side);
+    let classes = args.classes.unwrap_or(classes);
     let (params, layers) = if model.is_segmenter() {
-        let m = build_segmenter::<B>(model, args.channels, args.init_features, &capture, &device)?;
+        let m = build_segmenter::<B>(model, channels, args.init_features, &capture, &device)?;
         (
             trainable_params::<B, _>(&m),
             preconditioned_layers::<B, _>(&m),
         )
     } else {
-        let mut spec = ClassifierSpec::new(args.channels, args.image_size, args.classes);
+        let mut spec = ClassifierSpec::new(channels, side, classes);
         spec.conv_bias = args.conv_bias;
         let m = Classifier::<B>::build(model, &spec, &capture, &device)?;
         (
@@ -283,8 +301,18 @@ pub fn info(args: &InfoArgs) -> Result<String, String> {
             preconditioned_layers::<B, _>(&m),
         )
     };
+    let shape = if model.is_segmenter() {
+        format!("{channels}x{side}x{side} inputs, 1-channel masks")
+    } else {
+        format!("{channels}x{side}x{side} inputs, {classes} classes")
+    };
+    let assumed = if given {
+        format!("input as given: {shape}")
+    } else {
+        format!("input as in {setting}: {shape} (--channels, --image-size, --classes to change)")
+    };
     let mut out = format!(
-        "{model}: {params} parameters, {} preconditioned layers\n",
+        "{model}: {params} parameters, {} preconditioned layers; {assumed}\n",
         layers.len()
     );
     for layer in &layers {

@@ -1,6 +1,8 @@
 //! The `hylo-train` binary's library: arguments, data, optimizers, the training loop, outputs
 //! and plots.
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod cli;
 pub mod data;

@@ -222,33 +222,53 @@ fn data_errors_name_the_file() {
 
 #[test]
 fn info_lists_parameters_and_layers() {
-    let report = info(&InfoArgs {
-        model: "resnet50".into(),
-        classes: 1000,
-        channels: 3,
-        image_size: 224,
+    let defaults = |model: &str| InfoArgs {
+        model: model.into(),
+        classes: None,
+        channels: None,
+        image_size: None,
         conv_bias: false,
         init_features: 32,
-    })
-    .unwrap();
+    };
+    let report = info(&defaults("resnet50")).unwrap();
     assert!(
         report.starts_with("resnet50: 25557032 parameters, 54 preconditioned layers"),
         "{report}"
     );
     assert_eq!(report.lines().count(), 55);
     assert!(report.contains("Linear") && report.contains("[64, 3, 7, 7]"));
+    assert!(report.contains("input as in ImageNet: 3x224x224 inputs, 1000 classes"));
     let unet = info(&InfoArgs {
-        model: "unet".into(),
-        classes: 1,
-        channels: 3,
-        image_size: 64,
-        conv_bias: false,
-        init_features: 32,
+        image_size: Some(64),
+        ..defaults("unet")
     })
     .unwrap();
     assert!(
         unet.starts_with("unet: 7763041 parameters, 19 preconditioned layers"),
         "{unet}"
+    );
+    assert!(unet.contains("input as given: 3x64x64"), "{unet}");
+    // Each model defaults to the data it was made for.
+    let r32 = info(&defaults("resnet32")).unwrap();
+    assert!(
+        r32.starts_with("resnet32: 464154 parameters")
+            && r32.contains("input as in CIFAR-10: 3x32x32 inputs, 10 classes"),
+        "{r32}"
+    );
+    let three = info(&defaults("3c1f")).unwrap();
+    assert!(
+        three.starts_with("3c1f: 5485958 parameters")
+            && three.contains("input as in Fashion-MNIST: 1x28x28 inputs, 10 classes"),
+        "{three}"
+    );
+    let custom = info(&InfoArgs {
+        classes: Some(100),
+        ..defaults("resnet32")
+    })
+    .unwrap();
+    assert!(
+        custom.starts_with("resnet32: 470004 parameters"),
+        "{custom}"
     );
 }
 

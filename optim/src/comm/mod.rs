@@ -8,7 +8,7 @@ pub mod mpi;
 mod owners;
 mod threads;
 
-pub use gradients::{all_reduce_mean, average_buffers, flatten_params};
+pub use gradients::{all_reduce_mean, average_buffers, flatten_params, BUCKET_VALUES};
 pub use owners::assign_owners;
 pub use threads::{ThreadComm, ThreadGroup};
 

@@ -100,7 +100,11 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     skips: Option<Tensor<B::InnerBackend, 1>>,
     names: Arc<HashMap<ParamId, String>>,
     comm: Arc<dyn Communicator>,
+    observer: Option<ReportObserver>,
 }
+
+/// Called with every step's report (see [`NaturalGradient::with_report_observer`]).
+pub type ReportObserver = Arc<dyn Fn(&StepReport) + Send + Sync>;
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
     /// An optimizer running `method`; prefer the `*Config::init` constructors.
@@ -127,6 +131,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             skips: None,
             names: Arc::default(),
             comm: Arc::new(Single),
+            observer: None,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
@@ -136,6 +141,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     /// worker passes its own batch shard and the all-reduced mean gradient to `step`).
     pub fn with_communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
         self.comm = comm;
+        self
+    }
+
+    /// Calls `observer` with the report of every step: for training loops that do not hold the
+    /// optimizer, such as burn-train's `Learner`. Each call resolves the report, which costs one
+    /// blocking device read per step.
+    pub fn with_report_observer(mut self, observer: ReportObserver) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -286,6 +299,9 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             values: (!values.is_empty()).then(|| Tensor::cat(values, 0)),
             resolved: Default::default(),
         };
+        if let Some(observer) = &self.observer {
+            observer(self.report.resolve());
+        }
         self.step += 1;
         self.capture.arm(self.is_curvature_step(self.step));
         module
