@@ -59,6 +59,20 @@ impl BatchNorm2dConfig {
     }
 }
 
+thread_local! {
+    static FROZEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the running statistics of every [`BatchNorm2d`] left unchanged by forward
+/// passes on this thread (they still normalise with the batch statistics under autodiff): for
+/// extra evaluations of the training loss that must not count as training batches.
+pub fn with_frozen_statistics<R>(f: impl FnOnce() -> R) -> R {
+    let previous = FROZEN.with(|c| c.replace(true));
+    let out = f();
+    FROZEN.with(|c| c.set(previous));
+    out
+}
+
 /// A per-channel vector `[C]` as the contiguous column `[n, C, 1]`.
 fn column<B: Backend>(v: Tensor<B, 3>, n: usize) -> Tensor<B, 3> {
     v.repeat_dim(0, n)
@@ -75,10 +89,12 @@ impl<B: Backend> BatchNorm2d<B> {
             let mean = x.clone().sum_dim(2).sum_dim(0) / count; // [1, C, 1]
             let centered = x - column(mean.clone(), n);
             let var = centered.clone().square().sum_dim(2).sum_dim(0) / count;
-            self.update_running(
-                mean.detach().reshape([c]),
-                var.clone().detach().reshape([c]),
-            );
+            if !FROZEN.with(|f| f.get()) {
+                self.update_running(
+                    mean.detach().reshape([c]),
+                    var.clone().detach().reshape([c]),
+                );
+            }
             (centered, var)
         } else {
             let mean = self.running_mean.value().reshape([1, c, 1]);
@@ -182,5 +198,22 @@ mod tests {
         );
         let (ours, theirs) = (ours.valid(), theirs.valid());
         assert!(max_rel(ours.forward(x.clone()), theirs.forward(x)) < 1e-5);
+    }
+
+    #[test]
+    fn frozen_statistics_are_left_unchanged_by_training_forwards() {
+        let dev = Default::default();
+        let bn = BatchNorm2dConfig::new(3).init::<A>(&dev);
+        let x = Tensor::<A, 4>::random([4, 3, 5, 5], Distribution::Normal(2.0, 3.0), &dev);
+        let frozen = with_frozen_statistics(|| bn.forward(x.clone()));
+        assert_eq!(
+            bn.running_mean.value_sync().into_data(),
+            Tensor::<A, 1>::zeros([3], &dev).into_data()
+        );
+        // Still normalised with the batch statistics, as an unfrozen training forward is.
+        let unfrozen = bn.forward(x);
+        assert!(max_rel(frozen.inner(), unfrozen.inner()) < 1e-6);
+        let moved: f32 = bn.running_mean.value_sync().abs().sum().into_scalar();
+        assert!(moved > 0.1, "{moved}");
     }
 }

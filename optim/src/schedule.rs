@@ -7,7 +7,8 @@ use burn::tensor::backend::Backend;
 
 use crate::error::ConfigError;
 
-/// Damping lambda: constant, or decaying towards a target at each refresh after a warmup.
+/// Damping lambda: constant, decaying towards a target at each refresh after a warmup, or
+/// adapted by the Levenberg-Marquardt rule (`adaptive`).
 #[derive(Config, Debug, PartialEq)]
 pub struct DampingConfig {
     /// Initial damping lambda_0.
@@ -22,6 +23,43 @@ pub struct DampingConfig {
     /// Refreshes before the decay starts.
     #[config(default = 0)]
     pub warmup_refreshes: usize,
+    /// Adapt lambda at each refresh with the Levenberg-Marquardt rule on the reduction ratio of
+    /// the previous refresh period (see [`levenberg_marquardt`]); `initial` is the starting
+    /// value, `target` and the decay are then unused. Needs the training loop to report the loss
+    /// of the last refresh batch before each refresh (`NaturalGradient::observe_loss_change`).
+    #[config(default = false)]
+    pub adaptive: bool,
+    /// Smallest lambda the adaptive rule reaches.
+    #[config(default = 1e-4)]
+    pub min: f64,
+    /// Largest lambda the adaptive rule reaches.
+    #[config(default = 1e3)]
+    pub max: f64,
+    /// Factor omega of the adaptive rule: lambda is multiplied by omega after a good step and
+    /// divided by it after a bad one.
+    #[config(default = 0.5)]
+    pub omega: f64,
+}
+
+/// The Levenberg-Marquardt update of the damping (Martens & Grosse 2015, section 6.5) from the
+/// reduction ratio `rho = (L(theta + delta) - L(theta)) / (q(delta) - q(0))`: the actual change
+/// of the loss on the refresh batch over the change the local quadratic model
+/// `q(delta) = g^T delta + delta^T F delta / 2` predicts. The model is trusted (`rho > 3/4`):
+/// lambda shrinks by `omega`; it is not (`rho < 1/4`): lambda grows by `1/omega`, and by
+/// `1/omega^2` when the loss rose instead of falling (`rho < 0`) or `rho` is not finite; in
+/// between it stays. The result is clamped to `[min, max]`.
+pub fn levenberg_marquardt(lambda: f64, rho: f64, omega: f64, min: f64, max: f64) -> f64 {
+    let next = if !rho.is_finite() || rho < 0.0 {
+        // The loss went up (or became undefined): the model is wrong in sign, not just in size.
+        lambda / (omega * omega)
+    } else if rho < 0.25 {
+        lambda / omega
+    } else if rho > 0.75 {
+        lambda * omega
+    } else {
+        lambda
+    };
+    next.clamp(min, max)
 }
 
 impl DampingConfig {
@@ -38,6 +76,20 @@ impl DampingConfig {
             }
         };
         positive("damping", self.initial)?;
+        if self.adaptive {
+            positive("damping_min", self.min)?;
+            positive("damping_max", self.max)?;
+            if !(self.min <= self.max && self.omega > 0.0 && self.omega < 1.0) {
+                return Err(ConfigError::Invalid {
+                    field: "damping",
+                    message: format!(
+                        "adaptive damping needs min <= max and 0 < omega < 1, got min {} max {} \
+                         omega {}",
+                        self.min, self.max, self.omega
+                    ),
+                });
+            }
+        }
         if let Some(t) = self.target {
             positive("target_damping", t)?;
             if self.decay_refreshes == 0 {
@@ -166,6 +218,19 @@ mod tests {
             assert!(v <= prev);
             prev = v;
         }
+    }
+
+    #[test]
+    fn levenberg_marquardt_trusts_good_models_and_distrusts_bad_ones() {
+        let lm = |rho| levenberg_marquardt(1.0, rho, 0.5, 1e-3, 10.0);
+        assert_eq!(lm(1.0), 0.5); // as predicted: less damping
+        assert_eq!(lm(0.8), 0.5);
+        assert_eq!(lm(0.5), 1.0); // roughly: unchanged
+        assert_eq!(lm(0.1), 2.0); // much worse than predicted: more damping
+        assert_eq!(lm(-3.0), 4.0); // the loss went up
+        assert_eq!(lm(f64::NAN), 4.0);
+        assert_eq!(levenberg_marquardt(8.0, 0.0, 0.5, 1e-3, 10.0), 10.0);
+        assert_eq!(levenberg_marquardt(1.5e-3, 1.0, 0.5, 1e-3, 10.0), 1e-3);
     }
 
     #[test]

@@ -24,6 +24,83 @@ pub enum OptimName {
     Hylo,
 }
 
+/// `--damping`: adaptive, or a fixed starting value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DampingArg {
+    /// Levenberg-Marquardt adaptation from this start (`auto`: [`DampingArg::AUTO_START`]).
+    Auto(f64),
+    /// This value (then the schedule of --target-damping, if any).
+    Value(f64),
+}
+
+impl DampingArg {
+    /// Where `auto` starts: a high damping the rule lowers while the quadratic model predicts the
+    /// loss well (starting too low can diverge before the rule reacts).
+    pub const AUTO_START: f64 = 1.0;
+
+    /// The starting value.
+    pub fn initial(self) -> f64 {
+        match self {
+            Self::Auto(v) | Self::Value(v) => v,
+        }
+    }
+
+    /// Whether the damping adapts.
+    pub fn is_auto(self) -> bool {
+        matches!(self, Self::Auto(_))
+    }
+}
+
+impl std::str::FromStr for DampingArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let expected = || format!("expected `auto`, `auto:START` or a number, got `{s}`");
+        if s == "auto" {
+            return Ok(Self::Auto(Self::AUTO_START));
+        }
+        if let Some(start) = s.strip_prefix("auto:") {
+            return start.parse::<f64>().map(Self::Auto).map_err(|_| expected());
+        }
+        s.parse::<f64>().map(Self::Value).map_err(|_| expected())
+    }
+}
+
+impl std::fmt::Display for DampingArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto(v) if *v == Self::AUTO_START => f.write_str("auto"),
+            Self::Auto(v) => write!(f, "auto:{v}"),
+            Self::Value(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl Serialize for DampingArg {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto(_) => s.serialize_str(&self.to_string()),
+            Self::Value(v) => s.serialize_f64(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DampingArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A number (configs written before `auto` existed) or a string.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(v) => Ok(Self::Value(v)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// `--kfac-method`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -124,9 +201,18 @@ pub struct TrainArgs {
     /// Learning-rate factor at each milestone.
     #[arg(long, default_value_t = 0.1)]
     pub lr_decay: f64,
-    /// Initial damping.
-    #[arg(long, default_value_t = 0.3)]
-    pub damping: f64,
+    /// Damping lambda: `auto` (Levenberg-Marquardt on the reduction ratio of each refresh
+    /// period, from 1 and between 1e-4 and 1e3; `auto:START` starts elsewhere) or a value
+    /// (constant, or decaying with --target-damping).
+    #[arg(long, default_value = "auto")]
+    pub damping: DampingArg,
+    /// KL clipping (KAISA's): every natural-gradient update is scaled so that its quadratic KL
+    /// estimate `lr^2 sum <v, g>` stays below this; 0: off. Default: KAISA's 0.001 with
+    /// `--damping auto` (it bounds the first steps, before the damping has adapted), off with a
+    /// fixed damping (the paper's schedules).
+    #[arg(long)]
+    #[serde(default)]
+    pub kl_clip: Option<f64>,
     /// Damping reached after --damping-decay refreshes (none: constant).
     #[arg(long)]
     pub target_damping: Option<f64>,
@@ -240,6 +326,15 @@ impl TrainArgs {
         }
     }
 
+    /// The KL clip in effect: `--kl-clip` (0: none), else KAISA's 0.001 with `--damping auto`.
+    pub fn kl_clip(&self) -> Option<f64> {
+        const KAISA_DEFAULT: f64 = 0.001;
+        match self.kl_clip {
+            Some(k) => (k > 0.0).then_some(k),
+            None => self.damping.is_auto().then_some(KAISA_DEFAULT),
+        }
+    }
+
     /// Checks what clap cannot: names, ranges and combinations; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.device()?;
@@ -261,7 +356,7 @@ impl TrainArgs {
                 self.dataset.name()
             ));
         }
-        for (flag, v) in [("--lr", self.lr), ("--damping", self.damping)] {
+        for (flag, v) in [("--lr", self.lr), ("--damping", self.damping.initial())] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{flag}: expected a positive number, got {v}"));
             }
@@ -283,6 +378,19 @@ impl TrainArgs {
                 "--rho: expected a value in (0, 1], got {}",
                 self.rho
             ));
+        }
+        if let Some(k) = self.kl_clip {
+            if !(k.is_finite() && k >= 0.0) {
+                return Err(format!(
+                    "--kl-clip: expected a positive number (0: off), got {k}"
+                ));
+            }
+        }
+        if self.target_damping.is_some() && self.damping.is_auto() {
+            return Err(
+                "--target-damping sets a schedule for a fixed damping: give --damping a value"
+                    .into(),
+            );
         }
         if let Some(t) = self.target_damping {
             if !(t.is_finite() && t > 0.0) || self.damping_decay == 0 {

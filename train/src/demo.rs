@@ -73,7 +73,7 @@ pub fn demo_train_args(demo: &DemoArgs, optim: OptimName) -> TrainArgs {
     args.val_samples = 512;
     args.lr = if optim == OptimName::Sgd { 0.05 } else { 0.1 };
     args.weight_decay = 1e-4;
-    args.damping = 0.3;
+    args.damping = crate::cli::DampingArg::Value(0.3);
     args.freq = 5;
     args.device = demo.device.clone();
     args.seed = demo.seed;

@@ -39,17 +39,17 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
     ) -> Result<Self, String> {
         let decay =
             (args.weight_decay > 0.0).then(|| WeightDecayConfig::new(args.weight_decay as f32));
-        let damping = DampingConfig {
-            initial: args.damping,
-            target: args.target_damping,
-            decay_refreshes: args.damping_decay as usize,
-            warmup_refreshes: 0,
-        };
+        let damping = DampingConfig::new()
+            .with_initial(args.damping.initial())
+            .with_target(args.target_damping)
+            .with_decay_refreshes(args.damping_decay as usize)
+            .with_adaptive(args.damping.is_auto());
         let curvature = CurvatureConfig::new()
             .with_momentum(args.momentum)
             .with_weight_decay(args.weight_decay)
             .with_freq(args.freq as usize)
             .with_damping(damping)
+            .with_kl_clip(args.kl_clip())
             .with_conv_mode(args.conv_mode()?);
         let err = |e: hylo_optim::error::ConfigError| e.to_string();
         let optim = match args.optim {
@@ -110,6 +110,29 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             Self::Sgd(o) => o.step(lr, model, grads),
             Self::Adam(o) => o.step(lr, model, grads),
             Self::Natural(o) => o.step(lr, model, grads),
+        }
+    }
+
+    /// Whether the damping adapts (`--damping auto` with a natural-gradient optimizer).
+    pub fn adapts_damping(&self) -> bool {
+        matches!(self, Self::Natural(o) if o.adapts_damping())
+    }
+
+    /// Whether the next step refreshes and adaptive damping awaits the loss change of the last
+    /// refresh batch ([`AnyOptimizer::observe_loss_change`]).
+    pub fn wants_loss_change(&self) -> bool {
+        matches!(self, Self::Natural(o) if o.wants_loss_change())
+    }
+
+    /// Hands the last refresh batch's loss then and now to the adaptive damping.
+    pub fn observe_loss_change(
+        &mut self,
+        model: &M,
+        before: burn::tensor::Tensor<B::InnerBackend, 1>,
+        after: burn::tensor::Tensor<B::InnerBackend, 1>,
+    ) {
+        if let Self::Natural(o) = self {
+            o.observe_loss_change(model, before, after);
         }
     }
 

@@ -135,6 +135,9 @@ pub trait TrainModel<B: AutodiffBackend>: AutodiffModule<B> {
     /// Mean loss of the batch; the batch's loss and score counts are queued in `pending`.
     fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1>;
 
+    /// The training loss of the batch alone (no tally).
+    fn objective(&self, batch: Batch<B>) -> Tensor<B, 1>;
+
     /// Queues a validation batch's counts in `pending` (no autodiff).
     fn evaluate(
         model: &Self::InnerModule,
@@ -173,6 +176,10 @@ fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, batch: &Batch<B>) -> Tensor<B
 
 impl<B: AutodiffBackend> TrainModel<B> for Classifier<B> {
     const SEGMENTS: bool = false;
+
+    fn objective(&self, batch: Batch<B>) -> Tensor<B, 1> {
+        cross_entropy(self.forward(batch.images.clone()), &batch)
+    }
 
     fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1> {
         let logits = self.forward(batch.images.clone());
@@ -232,6 +239,14 @@ fn dice_counts<B: Backend>(
 
 impl<B: AutodiffBackend> TrainModel<B> for UNet<B> {
     const SEGMENTS: bool = true;
+
+    fn objective(&self, batch: Batch<B>) -> Tensor<B, 1> {
+        let masks = batch
+            .masks
+            .clone()
+            .expect("segmentation batches carry masks");
+        dice_loss(self.forward(batch.images), masks)
+    }
 
     fn loss(&self, batch: Batch<B>, pending: &mut PendingTally<B::InnerBackend>) -> Tensor<B, 1> {
         let probs = self.forward(batch.images.clone());

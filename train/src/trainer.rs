@@ -162,6 +162,8 @@ where
     let mut lr = schedule.rate_at(state.global_step as usize);
     let mut pending = PendingTally::<B::InnerBackend>::default();
     let first_step = state.global_step;
+    // Adaptive damping: the last refresh batch (rebuilt from `state.refresh` after a resume).
+    let mut refresh_batch: Option<hylo_datasets::Batch<B>> = None;
     let mut skips = SkipWatch {
         seen: optim.skipped_steps().0,
         limit: args.max_consecutive_skips,
@@ -191,7 +193,58 @@ where
                 ));
             }
             lr = schedule.rate_at(state.global_step as usize);
+            if optim.wants_loss_change() {
+                // Adaptive damping, before the refresh about to happen: the last refresh batch at
+                // the current weights (no capture, BatchNorm statistics untouched; the ranks
+                // average their local losses).
+                if let Some(point) = state.refresh.take() {
+                    let kept = match refresh_batch.take() {
+                        Some(kept) => kept,
+                        None => {
+                            let order = EpochOrder::sharded(
+                                train_len,
+                                batch_size,
+                                args.seed,
+                                point.epoch,
+                                true,
+                                true,
+                                rank,
+                                size,
+                            )
+                            .skip_batches(point.step_in_epoch as usize, local_batch);
+                            loader::<B>(train_batcher.clone(), order, local_batch, device)
+                                .iter()
+                                .next()
+                                .ok_or("the last refresh batch is past its epoch's end")?
+                                .map_err(|e| e.to_string())?
+                        }
+                    };
+                    let armed = capture.is_armed();
+                    capture.arm(false);
+                    let after = hylo_models::batch_norm::with_frozen_statistics(|| {
+                        model.objective(kept).inner()
+                    });
+                    capture.arm(armed);
+                    let after = if workers.distributed() {
+                        scalar_on(mean_over_ranks(workers, after), device)
+                    } else {
+                        after
+                    };
+                    optim.observe_loss_change(&model, scalar_on(point.loss, device), after);
+                }
+            }
+            let refreshing = optim.adapts_damping() && capture.is_armed();
+            let kept = refreshing.then(|| batch.clone());
             let loss = model.loss(batch, &mut pending);
+            if let Some(kept) = kept {
+                // Read now so that a checkpoint can keep it (one read per refresh).
+                state.refresh = Some(output::RefreshPoint {
+                    epoch: state.epoch,
+                    step_in_epoch: state.step_in_epoch,
+                    loss: mean_over_ranks(workers, loss.clone().inner()),
+                });
+                refresh_batch = Some(kept);
+            }
             let grads = capture.gradients(loss.backward(), &model);
             let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &model, workers.comm.as_ref());
             model = optim.step(lr, model, grads);
@@ -303,6 +356,24 @@ where
         final_val: (val.loss(), val.score()),
         summary: None,
     })
+}
+
+/// The mean over the ranks of a scalar (one host read, and one all-reduce when distributed).
+fn mean_over_ranks<I: burn::tensor::backend::Backend>(
+    workers: &Workers,
+    value: burn::tensor::Tensor<I, 1>,
+) -> f64 {
+    let mut host = hylo_optim::host::read_f32(value);
+    workers.sum(&mut host);
+    f64::from(host[0]) / workers.size() as f64
+}
+
+/// A scalar as a one-element tensor.
+fn scalar_on<I: burn::tensor::backend::Backend>(
+    value: f64,
+    device: &I::Device,
+) -> burn::tensor::Tensor<I, 1> {
+    burn::tensor::Tensor::from_floats([value as f32], device)
 }
 
 /// Skipped updates (NaN or Inf in the gradients), read at the loop's log points: logs new ones

@@ -81,7 +81,7 @@ fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
         ("--lr=-1", "--lr"),
         ("--milestones 5,3", "--milestones"),
         ("--conv-mode fancy", "--conv-mode"),
-        ("--target-damping 0.1", "--damping-decay"),
+        ("--damping 1 --target-damping 0.1", "--damping-decay"),
     ] {
         let err = train_command(&format!("hylo-train classify {bad}"))
             .args
@@ -292,4 +292,84 @@ fn the_demo_runs_every_optimizer_and_draws() {
         "{t}"
     );
     assert!(dir.path().join("demo.png").is_file());
+}
+
+#[test]
+fn damping_and_kl_clip_flags_parse_with_their_defaults() {
+    use hylo_train::cli::DampingArg;
+    let args = train_command("hylo-train classify").args;
+    assert_eq!(args.damping, DampingArg::Auto(DampingArg::AUTO_START));
+    assert_eq!(
+        args.kl_clip(),
+        Some(0.001),
+        "KAISA's clip with auto damping"
+    );
+    let args = train_command("hylo-train classify --damping 0.3").args;
+    assert_eq!(
+        (args.damping, args.kl_clip()),
+        (DampingArg::Value(0.3), None),
+        "the paper's fixed damping runs unclipped"
+    );
+    let args = train_command("hylo-train classify --damping auto:0.01 --kl-clip 0").args;
+    assert_eq!(
+        (args.damping, args.kl_clip()),
+        (DampingArg::Auto(0.01), None)
+    );
+    let args = train_command("hylo-train classify --damping 0.3 --kl-clip 0.01").args;
+    assert_eq!(args.kl_clip(), Some(0.01));
+    // The config written for --resume keeps the choice.
+    for damping in [
+        DampingArg::Auto(1.0),
+        DampingArg::Auto(0.01),
+        DampingArg::Value(0.3),
+    ] {
+        let json = serde_json::to_string(&damping).unwrap();
+        assert_eq!(serde_json::from_str::<DampingArg>(&json).unwrap(), damping);
+    }
+    assert!(parse("hylo-train classify --damping auto:x").is_err());
+    assert!(parse("hylo-train classify --damping tiny").is_err());
+    for (bad, needle) in [
+        ("--kl-clip=-1", "--kl-clip"),
+        (
+            "--damping auto --target-damping 0.1 --damping-decay 5",
+            "--target-damping",
+        ),
+    ] {
+        let err = train_command(&format!("hylo-train classify {bad}"))
+            .args
+            .validate()
+            .unwrap_err();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn auto_damping_recovers_from_a_damping_that_diverges_when_fixed() {
+    // HyLo with momentum and a refresh every 10 steps: a damping of 0.003 (100x below the demo's)
+    // held fixed blows the loss up within the first period and every later step is NaN.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |damping: &str, name: &str| {
+        run_training(
+            "classify",
+            train_command(&format!(
+                "hylo-train classify --optim hylo --epochs 3 --train-samples 1024 \
+                 --val-samples 256 --batch-size 64 --freq 10 --seed 1 \
+                 --max-consecutive-skips 10 --damping {damping} --out {}",
+                dir.path().join(name).display()
+            )),
+        )
+    };
+    let fixed = run("0.003 --kl-clip 0", "fixed");
+    assert!(
+        fixed.as_ref().is_err_and(|e| e.contains("NaN")),
+        "{:?}",
+        fixed.map(|o| o.stop)
+    );
+    // Adaptive from the same start (with its default KL clip) raises the damping and trains.
+    let outcome = run("auto:0.003", "auto").unwrap();
+    assert_eq!(outcome.stop, Stop::Finished);
+    let rows = read_metrics(&dir.path().join("auto/metrics.csv")).unwrap();
+    let last = rows.last().unwrap();
+    assert!(last.val_score > 0.9 && last.train_loss < 0.5, "{rows:?}");
+    assert!(last.damping.is_some_and(|d| d > 0.03), "{rows:?}");
 }

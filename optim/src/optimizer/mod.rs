@@ -30,6 +30,7 @@
 //! has none yet; a direction that comes out non-finite is replaced by `g / lambda` for that step.
 
 mod config;
+mod damping;
 mod guard;
 mod kfac_refresh;
 mod layer_grad;
@@ -101,6 +102,10 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     names: Arc<HashMap<ParamId, String>>,
     comm: Arc<dyn Communicator>,
     observer: Option<ReportObserver>,
+    /// Adaptive damping: the refresh period under way.
+    period: Option<damping::Period<B::InnerBackend>>,
+    /// Adaptive damping: the reduction ratio of the last refresh step, read at the next refresh.
+    reduction_ratio: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 /// Called with every step's report (see [`NaturalGradient::with_report_observer`]).
@@ -132,6 +137,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             names: Arc::default(),
             comm: Arc::new(Single),
             observer: None,
+            period: None,
+            reduction_ratio: None,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
@@ -262,6 +269,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             );
         }
 
+        // Adaptive damping: a refresh starts a period (the gradients and the weights of the
+        // preconditioned layers before its update).
+        if known.refreshed && self.config.damping.adaptive {
+            self.start_period(&module, &grads);
+        }
         let Preconditioned {
             layers,
             inner_products,
@@ -322,10 +334,10 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 Curvature::LowRank(state) => state.apply(ghat.clone()),
                 Curvature::Kfac(state) => state.apply(ghat.clone(), self.damping),
             };
-            let vg = (v.clone() * ghat.clone()).sum();
+            let vg = ordered_sum(v.clone() * ghat.clone());
             let finite = vg.clone().is_finite();
             let identity = ghat.clone() / self.damping;
-            let identity_vg = ghat.powi_scalar(2).sum() / self.damping;
+            let identity_vg = ordered_sum(ghat.powi_scalar(2)) / self.damping;
             let v = guard::choose(&finite, v, identity);
             let effective_vg = guard::choose(&finite, vg.clone(), identity_vg);
             directions.push((layer.meta.clone(), v, vg, effective_vg));
@@ -339,7 +351,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         }
         let kl_scale = self.config.kl_clip.map(|kappa| {
             let total = Tensor::cat(directions.iter().map(|d| d.3.clone()).collect(), 0)
-                .sum()
+                .sum_dim(0)
                 .abs();
             // min(1, sqrt(kappa / (lr^2 sum <v, g>))); a zero sum gives +inf, clamped to 1.
             (total.recip() * (kappa / (lr * lr))).sqrt().clamp_max(1.0)
@@ -360,6 +372,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             kl_scale,
         }
     }
+}
+
+/// The sum of a matrix's entries in a fixed order (`[1]`): rows, then the row sums. Burn-flex
+/// splits a whole-tensor `sum` over rayon threads and adds the parts in the order they finish,
+/// which changes the last bits from run to run; the KL clip scales the update by this sum, so
+/// training would not be reproducible.
+fn ordered_sum<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Tensor<B, 1> {
+    t.sum_dim(1).sum_dim(0).reshape([1])
 }
 
 /// What [`NaturalGradient::precondition`] left on the device for the step report.

@@ -6,6 +6,7 @@ use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
+use super::damping::Period;
 use super::{Curvature, LayerMeta, LayerState, NaturalGradient};
 use crate::capture::LayerGeometry;
 use crate::precond::{HyloMode, KfacState, LowRankState};
@@ -28,6 +29,28 @@ pub struct NaturalGradientRecord<B: Backend> {
     pub momentum: Vec<MomentumRecord<B>>,
     /// Preconditioned layers.
     pub layers: Vec<LayerRecord<B>>,
+    /// Adaptive damping: the refresh period under way (none in earlier versions' records).
+    pub period: Option<PeriodRecord<B>>,
+    /// Adaptive damping: the reduction ratio awaiting the next refresh.
+    pub reduction_ratio: Option<f64>,
+}
+
+/// The refresh period under way (adaptive damping).
+#[derive(Record)]
+pub struct PeriodRecord<B: Backend> {
+    /// Each preconditioned layer's parameters at the period's start.
+    pub start: Vec<LayerMatrixRecord<B>>,
+    /// Each preconditioned layer's gradient at the refresh step.
+    pub gradients: Vec<LayerMatrixRecord<B>>,
+}
+
+/// One layer's `[d_out, d_in']` matrix.
+#[derive(Record)]
+pub struct LayerMatrixRecord<B: Backend> {
+    /// Weight parameter id.
+    pub weight_id: u64,
+    /// The matrix.
+    pub matrix: Tensor<B, 2>,
 }
 
 /// One momentum buffer.
@@ -176,6 +199,22 @@ pub(super) fn to_record<B: AutodiffBackend>(
             })
             .collect(),
         layers,
+        period: optim.period.as_ref().map(|p| {
+            let matrices = |v: &[(u64, Tensor<B::InnerBackend, 2>)]| {
+                v.iter()
+                    .map(|(id, m)| LayerMatrixRecord {
+                        weight_id: *id,
+                        matrix: out::<B>(m),
+                    })
+                    .collect()
+            };
+            PeriodRecord {
+                start: matrices(&p.start),
+                gradients: matrices(&p.gradients),
+            }
+        }),
+        // Saving reads the pending ratio (one scalar).
+        reduction_ratio: optim.reduction_ratio.clone().map(crate::host::read_scalar),
     }
 }
 
@@ -279,6 +318,21 @@ pub(super) fn load_record<B: AutodiffBackend>(
             },
         );
     }
+    let matrices = |v: Vec<LayerMatrixRecord<B>>| {
+        v.into_iter()
+            .map(|r| (r.weight_id, r.matrix.inner()))
+            .collect()
+    };
+    optim.period = record.period.map(|p| Period {
+        start: matrices(p.start),
+        gradients: matrices(p.gradients),
+    });
+    // The ratio goes where the momentum buffers are (there are some once a step was taken).
+    let device = optim.momentum.values().next().map(|t| t.device());
+    optim.reduction_ratio = match (record.reduction_ratio, device) {
+        (Some(rho), Some(device)) => Some(Tensor::from_floats([rho as f32], &device)),
+        _ => None,
+    };
     let armed = optim.is_curvature_step(optim.step);
     optim.capture.arm(armed);
     optim

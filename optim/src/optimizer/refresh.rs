@@ -71,11 +71,6 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             }
         }
     }
-
-    fn advance_damping(&mut self) {
-        self.damping = self.config.damping.value_after(self.refreshes);
-        self.refreshes += 1;
-    }
 }
 
 /// Norm of the gradients of the captured layers (one host read).
