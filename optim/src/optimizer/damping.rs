@@ -120,7 +120,12 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         let config = &self.config.damping;
         if config.adaptive {
             if let Some(rho) = self.reduction_ratio.take() {
-                let rho = host::read_scalar(rho);
+                // Every rank applies the same damping: the mean of the ranks' ratios (they share
+                // the loss change; their quadratic models can differ where a rank holds only
+                // the layers it owns). A NaN anywhere makes the mean NaN: a bad step on all.
+                let mut rho = [host::read_scalar(rho) as f32];
+                self.comm.all_reduce_sum(&mut rho);
+                let rho = f64::from(rho[0]) / self.comm.size() as f64;
                 self.damping =
                     levenberg_marquardt(self.damping, rho, config.omega, config.min, config.max);
                 tracing::debug!(rho, damping = self.damping, "adaptive damping");
