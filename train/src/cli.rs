@@ -331,16 +331,8 @@ impl TrainArgs {
         const KAISA_DEFAULT: f64 = 0.001;
         match self.kl_clip {
             Some(k) => (k > 0.0).then_some(k),
-            None => (self.damping.is_auto() && !self.clip_unsafe_across_ranks())
-                .then_some(KAISA_DEFAULT),
+            None => self.damping.is_auto().then_some(KAISA_DEFAULT),
         }
-    }
-
-    /// Distributed runs: KL-clipped updates can still differ across the ranks in the last bits
-    /// (seen with K-FAC always, SNGD sometimes; the run then ends with the ranks disagreeing on
-    /// the weights), so no clip there until that is found.
-    fn clip_unsafe_across_ranks(&self) -> bool {
-        self.distributed
     }
 
     /// Checks what clap cannot: names, ranges and combinations; the message names the flag.
@@ -386,13 +378,6 @@ impl TrainArgs {
                 "--rho: expected a value in (0, 1], got {}",
                 self.rho
             ));
-        }
-        if self.kl_clip.is_some_and(|k| k > 0.0) && self.clip_unsafe_across_ranks() {
-            return Err(
-                "--kl-clip is not supported with --distributed yet: the clipped updates can \
-                 drift apart across the ranks"
-                    .into(),
-            );
         }
         if let Some(k) = self.kl_clip {
             if !(k.is_finite() && k >= 0.0) {

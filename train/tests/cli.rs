@@ -317,9 +317,6 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
     );
     let args = train_command("hylo-train classify --damping 0.3 --kl-clip 0.01").args;
     assert_eq!(args.kl_clip(), Some(0.01));
-    // Not across ranks yet (clipped updates can drift apart there).
-    let args = train_command("hylo-train classify --distributed").args;
-    assert_eq!(args.kl_clip(), None);
     // The config written for --resume keeps the choice.
     for damping in [
         DampingArg::Auto(1.0),
@@ -337,7 +334,6 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
             "--damping auto --target-damping 0.1 --damping-decay 5",
             "--target-damping",
         ),
-        ("--distributed --kl-clip 0.001", "--distributed"),
     ] {
         let err = train_command(&format!("hylo-train classify {bad}"))
             .args

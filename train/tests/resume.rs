@@ -72,30 +72,11 @@ fn whole_and_resumed(optim: &str, extra: &str) -> (Vec<MetricsRow>, Vec<MetricsR
 fn resume_with_auto_damping_continues_the_refresh_period() {
     // The stop falls inside a refresh period: the checkpoint keeps the period (the layers'
     // parameters and gradients at its start, the refresh batch's position and loss), so the
-    // resumed run adapts the damping exactly as the uninterrupted one. Losses are compared to
-    // 1e-3: with auto damping two identical runs differ in the last bits (not found why; the
-    // KL clip's sum was one cause and is now ordered), and small dampings amplify it.
+    // resumed run adapts the damping exactly as the uninterrupted one, bit for bit. (The two
+    // runs' parameter ids differ: sums over layers must not follow them.)
     for optim in ["hylo", "sngd", "kfac"] {
         let (whole, split) = whole_and_resumed(optim, "--damping auto:0.1");
-        assert_eq!(whole.len(), split.len());
-        for (a, b) in whole.iter().zip(&split) {
-            assert_eq!(
-                (a.epoch, a.step, a.damping, &a.mode, a.lr),
-                (b.epoch, b.step, b.damping, &b.mode, b.lr),
-                "{optim}"
-            );
-            for (x, y) in [
-                (a.train_loss, b.train_loss),
-                (a.val_loss, b.val_loss),
-                (a.train_score, b.train_score),
-                (a.val_score, b.val_score),
-            ] {
-                assert!(
-                    (x - y).abs() <= 1e-3 * x.abs().max(1.0),
-                    "{optim}: {a:?} vs {b:?}"
-                );
-            }
-        }
+        assert_eq!(format!("{whole:?}"), format!("{split:?}"), "{optim}");
         // The damping moved: the rule ran across the resume.
         assert!(
             whole.iter().any(|r| r.damping != Some(0.1)),

@@ -145,8 +145,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     ) {
         let start = self.layer_matrices(module);
         let gradients = self
-            .layers
-            .values()
+            .ordered_layers()
             .filter_map(|l| Some((l.meta.weight_id.val(), l.meta.gradient(grads)?)))
             .collect();
         self.period = Some(Period { start, gradients });

@@ -92,6 +92,9 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     last_grad_norm: Option<f64>,
     mode: Option<HyloMode>,
     layers: BTreeMap<u64, LayerState<B::InnerBackend>>,
+    /// Weight ids of the preconditioned layers in the model's parameter order: sums over the
+    /// layers run in this order, the same in every run and on every rank (ids are random).
+    order: Vec<u64>,
     momentum: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     /// Floats without a gradient (BatchNorm statistics) after the last step, to undo a skipped
     /// step's forward-pass updates.
@@ -130,6 +133,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             last_grad_norm: None,
             mode: None,
             layers: BTreeMap::new(),
+            order: Vec::new(),
             momentum: BTreeMap::new(),
             stateful: BTreeMap::new(),
             report: PendingReport::known(StepReport::default()),
@@ -206,6 +210,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.layers.values()
     }
 
+    /// The preconditioned layers in the model's parameter order.
+    fn ordered_layers(&self) -> impl Iterator<Item = &LayerState<B::InnerBackend>> {
+        self.order.iter().filter_map(|id| self.layers.get(id))
+    }
+
     /// Whether step `step` captures curvature.
     pub fn is_curvature_step(&self, step: usize) -> bool {
         step.is_multiple_of(self.config.freq)
@@ -269,6 +278,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             );
         }
 
+        self.order = ids
+            .iter()
+            .map(|id| id.val())
+            .filter(|id| self.layers.contains_key(id))
+            .collect();
         // Adaptive damping: a refresh starts a period (the gradients and the weights of the
         // preconditioned layers before its update).
         if known.refreshed && self.config.damping.adaptive {
@@ -326,7 +340,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         grads: &mut GradientsParams,
     ) -> Preconditioned<B::InnerBackend> {
         let mut directions = Vec::new();
-        for layer in self.layers.values() {
+        for layer in self.ordered_layers() {
             let Some(ghat) = layer.meta.gradient::<B::InnerBackend>(grads) else {
                 continue;
             };
