@@ -49,6 +49,12 @@ impl SyntheticClassification {
                 self.classes
             )));
         }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(DatasetError::Invalid(format!(
+                "synthetic noise must be a finite amplitude >= 0, got {}",
+                self.noise
+            )));
+        }
         if self.size < 2 * grid.max(4) || self.channels == 0 {
             return Err(DatasetError::Invalid(format!(
                 "synthetic images need at least 1 channel and a side of at least {} for {} \

@@ -267,6 +267,14 @@ pub struct TrainArgs {
     /// Channels of the synthetic classification images.
     #[arg(long, default_value_t = 1)]
     pub channels: u64,
+    /// Classes of the synthetic classification set (2 to 16).
+    #[arg(long, default_value_t = 4)]
+    #[serde(default = "default_classes")]
+    pub classes: u64,
+    /// Amplitude of the synthetic classification set's background noise.
+    #[arg(long, default_value_t = 0.8)]
+    #[serde(default = "default_noise")]
+    pub noise: f64,
     /// U-Net channels at the first level.
     #[arg(long, default_value_t = 32)]
     pub init_features: u64,
@@ -294,6 +302,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub distributed: bool,
+}
+
+fn default_classes() -> u64 {
+    4
+}
+
+fn default_noise() -> f64 {
+    0.8
 }
 
 fn default_log_every() -> u64 {
@@ -338,6 +354,18 @@ impl TrainArgs {
     /// Checks what clap cannot: names, ranges and combinations; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.device()?;
+        if !(2..=16).contains(&self.classes) {
+            return Err(format!(
+                "--classes: the synthetic set has 2 to 16 classes, got {}",
+                self.classes
+            ));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(format!(
+                "--noise: expected a finite amplitude >= 0, got {}",
+                self.noise
+            ));
+        }
         self.conv_mode()?;
         parse_switch(&self.switch, 1)?;
         let model: hylo_models::ModelName =

@@ -42,12 +42,16 @@ pub fn load(args: &TrainArgs) -> Result<DataSources, String> {
     Ok(match args.dataset {
         DatasetName::Synthetic => {
             let channels = args.channels as usize;
-            let train = SyntheticClassification::new(
-                args.train_samples as usize,
-                channels,
-                size(12),
-                args.seed,
-            );
+            let train = SyntheticClassification {
+                classes: args.classes as usize,
+                noise: args.noise as f32,
+                ..SyntheticClassification::new(
+                    args.train_samples as usize,
+                    channels,
+                    size(12),
+                    args.seed,
+                )
+            };
             train.validate().map_err(err)?;
             let val = SyntheticClassification {
                 len: args.val_samples as usize,

@@ -334,6 +334,8 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
             "--damping auto --target-damping 0.1 --damping-decay 5",
             "--target-damping",
         ),
+        ("--classes 17", "--classes"),
+        ("--noise=-1", "--noise"),
     ] {
         let err = train_command(&format!("hylo-train classify {bad}"))
             .args
@@ -372,4 +374,27 @@ fn auto_damping_recovers_from_a_damping_that_diverges_when_fixed() {
     let last = rows.last().unwrap();
     assert!(last.val_score > 0.9 && last.train_loss < 0.5, "{rows:?}");
     assert!(last.damping.is_some_and(|d| d > 0.03), "{rows:?}");
+}
+
+#[test]
+fn the_synthetic_set_takes_its_classes_and_noise_from_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny(
+        "sgd",
+        &dir.path().join("run"),
+        "--classes 9 --noise 0.2 --image-size 12 --epochs 1",
+    );
+    let data = hylo_train::data::load(&c.args).unwrap();
+    assert_eq!(data.classes(), 9);
+    // The background noise has the amplitude asked for (uniform sums in [-noise, noise]).
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+    let sample = data.train.load(0, &mut rng).unwrap();
+    let background = sample
+        .pixels
+        .iter()
+        .filter(|p| **p < 0.0)
+        .fold(0f32, |m, p| m.min(*p));
+    assert!((-0.2..-0.1).contains(&background), "{background}");
+    let outcome = run_training("classify", c).unwrap();
+    assert_eq!(outcome.stop, Stop::Finished);
 }
