@@ -1,10 +1,12 @@
 //! Measurements behind `hylo-bench` and the criterion benches: per-layer curvature work and
 //! per-step preconditioning of K-FAC, SNGD and HyLo on real model shapes, training-step times,
-//! communication volumes, optimizer-state memory and data-loading throughput.
+//! communication volumes, optimizer-state memory and data-loading throughput; the convergence
+//! benchmark.
 
 #![warn(missing_docs)]
 
 pub mod comm;
+pub mod convergence;
 pub mod layers;
 pub mod steps;
 

@@ -90,3 +90,30 @@ fn step_timings_count_the_host_reads_of_each_step() {
         assert!((s.amortised - amortised).abs() < 1e-12 && s.amortised > 0.0);
     }
 }
+
+#[test]
+fn a_convergence_run_reaches_its_target_and_a_blown_up_one_counts_as_diverged() {
+    use hylo_benches::convergence::{run, tasks, Setting};
+    let dir = tempfile::tempdir().unwrap();
+    let mlp = tasks(true).into_iter().find(|t| t.name == "mlp").unwrap();
+    let good = run(
+        &mlp,
+        "sgd",
+        &Setting::DEFAULTS,
+        0,
+        "cpu",
+        &dir.path().join("a"),
+    )
+    .unwrap();
+    assert!(
+        good.best >= mlp.target && good.time_to_target.is_some() && !good.diverged,
+        "{good:?}"
+    );
+    // SGD at a learning rate of 1000 blows the loss up.
+    let wild = Setting {
+        lr: Some(1000.0),
+        damping: None,
+    };
+    let bad = run(&mlp, "sgd", &wild, 0, "cpu", &dir.path().join("b")).unwrap();
+    assert!(bad.diverged && bad.time_to_target.is_none(), "{bad:?}");
+}

@@ -37,6 +37,16 @@ struct Args {
     /// ResNet-50 batches of the curvature timings (default: 32,128, or 32 with --quick).
     #[arg(long, value_delimiter = ',')]
     batches: Vec<usize>,
+    /// Run the convergence benchmark instead: every task with every optimizer, its defaults and
+    /// a small (lr, damping) grid, over --seeds seeds (--quick: smaller sets, fewer epochs).
+    #[arg(long)]
+    convergence: bool,
+    /// Seeds of the convergence benchmark.
+    #[arg(long, default_value_t = 2)]
+    seeds: u64,
+    /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -75,6 +85,13 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.convergence {
+        if let Err(e) = convergence(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let result: Result<(), String> = hylo_train::with_backend!(device, |B, dev| {
         report::<B>(&args, &dev);
         Ok(())
@@ -129,17 +146,6 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         report.settings
     )
     .unwrap();
-
-    // Progress on stderr (hidden when stderr is not a terminal); the report goes to stdout.
-    let bar = |len: u64, what: &str| {
-        let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template("{msg:40} {wide_bar} {pos}/{len} {elapsed_precise}")
-                .expect("a valid template"),
-        );
-        pb.set_message(what.to_string());
-        pb
-    };
 
     // 1 and 2: per-layer curvature work and preconditioning.
     let cases = resnet50_cases(image);
@@ -368,4 +374,94 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         }
         Err(e) => eprintln!("error: {e}"),
     }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal; the report goes to stdout).
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{msg:40} {wide_bar} {pos}/{len} {elapsed_precise}")
+            .expect("a valid template"),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// `--convergence`: every task, optimizer, setting and seed; a markdown table and JSON.
+fn convergence(args: &Args) -> Result<(), String> {
+    use hylo_benches::convergence::{grid, markdown, run, summarize, tasks, Setting, OPTIMIZERS};
+    let device = hylo_train::device::describe(args.device.parse()?)?;
+    let tasks: Vec<_> = tasks(args.quick)
+        .into_iter()
+        .filter(|t| args.tasks.is_empty() || args.tasks.iter().any(|n| n == t.name))
+        .collect();
+    if tasks.is_empty() {
+        return Err(format!(
+            "--tasks: none of {:?} is a task (mlp, small-cnn, resnet20, unet)",
+            args.tasks
+        ));
+    }
+    let mut plan = Vec::new();
+    for task in &tasks {
+        for optimizer in OPTIMIZERS {
+            let mut settings = vec![Setting::DEFAULTS];
+            settings.extend(grid(optimizer, task.command == "segment"));
+            for setting in settings {
+                for seed in 0..args.seeds {
+                    plan.push((task, optimizer, setting.clone(), seed));
+                }
+            }
+        }
+    }
+    let progress = bar(plan.len() as u64, "convergence runs");
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut results = Vec::new();
+    for (i, (task, optimizer, setting, seed)) in plan.into_iter().enumerate() {
+        progress.set_message(format!(
+            "{} {optimizer} {} seed {seed}",
+            task.name,
+            setting.label()
+        ));
+        let out = dir.path().join(i.to_string());
+        results.push(run(task, optimizer, &setting, seed, &args.device, &out)?);
+        let _ = std::fs::remove_dir_all(&out);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let summaries = summarize(&results);
+    let mut md = format!(
+        "# hylo-bench convergence{}\n\nOn {device}; tasks:\n\n",
+        if args.quick { " (quick)" } else { "" }
+    );
+    for t in &tasks {
+        md.push_str(&format!(
+            "- {}: `hylo-train {} {}`, target {:.0}%\n",
+            t.name,
+            t.command,
+            t.args,
+            100.0 * t.target
+        ));
+    }
+    md.push('\n');
+    md.push_str(&markdown(&summaries, &tasks, args.seeds as usize));
+    let total: f64 = results.iter().map(|r| r.wall_s).sum();
+    md.push_str(&format!(
+        "\n{} runs, {:.0} s of training.\n",
+        results.len(),
+        total
+    ));
+    print!("{md}");
+    #[derive(Serialize)]
+    struct ConvergenceReport<'a> {
+        tasks: &'a [hylo_benches::convergence::Task],
+        runs: &'a [hylo_benches::convergence::RunResult],
+        summaries: &'a [hylo_benches::convergence::Summary],
+    }
+    let json = serde_json::to_string_pretty(&ConvergenceReport {
+        tasks: &tasks,
+        runs: &results,
+        summaries: &summaries,
+    })
+    .map_err(|e| e.to_string())?;
+    std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))
 }
