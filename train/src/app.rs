@@ -32,7 +32,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a small CNN on the synthetic set with SGD, K-FAC and HyLo for the same time budget.
+    /// Train a small CNN on a hard synthetic set with SGD, K-FAC and HyLo for the same time budget.
     Demo(DemoArgs),
     /// Train a classifier.
     Classify(TrainCommand),

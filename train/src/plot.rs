@@ -26,6 +26,7 @@ pub struct Series {
 }
 
 /// One panel of a figure.
+#[derive(Default)]
 pub struct Panel {
     /// Title above the panel.
     pub title: String,
@@ -33,6 +34,8 @@ pub struct Panel {
     pub x_label: String,
     /// The series drawn.
     pub series: Vec<Series>,
+    /// A horizontal reference line (a target) and its legend label.
+    pub reference: Option<(f64, String)>,
 }
 
 /// Draws `panels` side by side (two per row) into a PNG at `path`. Never panics: a failure of
@@ -62,6 +65,9 @@ fn draw_panels(path: &Path, panels: &[Panel]) -> Result<(), String> {
         }
         if x0 > x1 {
             (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        if let Some((y, _)) = panel.reference.as_ref().filter(|(y, _)| y.is_finite()) {
+            (y0, y1) = (y0.min(*y), y1.max(*y));
         }
         let pad = ((y1 - y0) * 0.05).max(1e-3 * y1.abs().max(1.0));
         let mut chart = ChartBuilder::on(area)
@@ -93,6 +99,19 @@ fn draw_panels(path: &Path, panels: &[Panel]) -> Result<(), String> {
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
                 });
+        }
+        if let Some((y, label)) = panel.reference.as_ref().filter(|(y, _)| y.is_finite()) {
+            let grey = BLACK.mix(0.5);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(x0, *y), (x1.max(x0 + 1e-9), *y)],
+                    6,
+                    4,
+                    grey.stroke_width(1),
+                ))
+                .map_err(|e| err(&e))?
+                .label(label.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], grey));
         }
         chart
             .configure_series_labels()
@@ -131,6 +150,7 @@ pub fn curves(metrics: &Path, png: &Path) -> Result<(), String> {
                     series("train", &rows, epoch, |r| r.train_loss),
                     series("val", &rows, epoch, |r| r.val_loss),
                 ],
+                ..Panel::default()
             },
             Panel {
                 title: "accuracy / Dice".into(),
@@ -139,6 +159,7 @@ pub fn curves(metrics: &Path, png: &Path) -> Result<(), String> {
                     series("train", &rows, epoch, |r| r.train_score),
                     series("val", &rows, epoch, |r| r.val_score),
                 ],
+                ..Panel::default()
             },
         ],
     )
@@ -163,6 +184,7 @@ pub fn compare(runs: &[PathBuf], png: &Path) -> Result<(), String> {
                 .iter()
                 .map(|(name, rows)| series(name, rows, x, y))
                 .collect(),
+            ..Panel::default()
         };
     draw(
         png,
@@ -191,6 +213,37 @@ pub fn compare(runs: &[PathBuf], png: &Path) -> Result<(), String> {
                 |r| r.epoch as f64,
                 |r| r.train_loss,
             ),
+        ],
+    )
+}
+
+/// The demo's figure: each run's validation score against wall time with the target as a
+/// dashed line, and its training loss on a log scale; `runs` pairs a run directory with its
+/// legend label (say, the time to the target).
+pub fn race(runs: &[(PathBuf, String)], target: f64, png: &Path) -> Result<(), String> {
+    let mut score = Vec::new();
+    let mut loss = Vec::new();
+    for (run, label) in runs {
+        let rows = read_metrics(&run.join("metrics.csv"))?;
+        score.push(series(label, &rows, |r| r.wall_s, |r| r.val_score));
+        // log10: non-positive losses become NaN and are left out of the line.
+        loss.push(series(label, &rows, |r| r.wall_s, |r| r.train_loss.log10()));
+    }
+    draw(
+        png,
+        &[
+            Panel {
+                title: "validation accuracy".into(),
+                x_label: "wall time (s)".into(),
+                series: score,
+                reference: Some((target, format!("target {:.0}%", 100.0 * target))),
+            },
+            Panel {
+                title: "training loss (log10)".into(),
+                x_label: "wall time (s)".into(),
+                series: loss,
+                reference: None,
+            },
         ],
     )
 }

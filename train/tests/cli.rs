@@ -398,3 +398,32 @@ fn the_synthetic_set_takes_its_classes_and_noise_from_the_flags() {
     let outcome = run_training("classify", c).unwrap();
     assert_eq!(outcome.stop, Stop::Finished);
 }
+
+#[test]
+fn the_race_plot_draws_odd_losses_and_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = "epoch,step,wall_s,train_loss,train_acc,val_loss,val_acc,lr,damping,mode\n";
+    let runs = [
+        (
+            "a",
+            "1,4,0.5,2.0,0.3,2.0,0.4,0.1,1.0,kid\n2,8,1.0,0.0,0.9,0.5,0.85,0.1,0.5,kid\n",
+        ),
+        (
+            "b",
+            "1,4,0.7,NaN,0.1,NaN,0.1,0.1,,sgd\n2,8,1.4,inf,0.1,NaN,0.1,0.1,,sgd\n",
+        ),
+    ];
+    let mut labelled = Vec::new();
+    for (name, rows) in runs {
+        let run = dir.path().join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("metrics.csv"), format!("{header}{rows}")).unwrap();
+        labelled.push((run, format!("{name}: 80% at 1.0 s")));
+    }
+    let png = dir.path().join("race.png");
+    hylo_train::plot::race(&labelled, 0.8, &png).unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let err =
+        hylo_train::plot::race(&[(dir.path().join("missing"), "x".into())], 0.8, &png).unwrap_err();
+    assert!(err.contains("missing"), "{err}");
+}
