@@ -346,37 +346,6 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
 }
 
 #[test]
-fn auto_damping_recovers_from_a_damping_that_diverges_when_fixed() {
-    // HyLo with momentum and a refresh every 10 steps: a damping of 0.003 (100x below the demo's)
-    // held fixed blows the loss up within the first period and every later step is NaN.
-    let dir = tempfile::tempdir().unwrap();
-    let run = |damping: &str, name: &str| {
-        run_training(
-            "classify",
-            train_command(&format!(
-                "hylo-train classify --optim hylo --epochs 3 --train-samples 1024 \
-                 --val-samples 256 --batch-size 64 --freq 10 --seed 1 \
-                 --max-consecutive-skips 10 --damping {damping} --out {}",
-                dir.path().join(name).display()
-            )),
-        )
-    };
-    let fixed = run("0.003 --kl-clip 0", "fixed");
-    assert!(
-        fixed.as_ref().is_err_and(|e| e.contains("NaN")),
-        "{:?}",
-        fixed.map(|o| o.stop)
-    );
-    // Adaptive from the same start (with its default KL clip) raises the damping and trains.
-    let outcome = run("auto:0.003", "auto").unwrap();
-    assert_eq!(outcome.stop, Stop::Finished);
-    let rows = read_metrics(&dir.path().join("auto/metrics.csv")).unwrap();
-    let last = rows.last().unwrap();
-    assert!(last.val_score > 0.9 && last.train_loss < 0.5, "{rows:?}");
-    assert!(last.damping.is_some_and(|d| d > 0.03), "{rows:?}");
-}
-
-#[test]
 fn the_synthetic_set_takes_its_classes_and_noise_from_the_flags() {
     let dir = tempfile::tempdir().unwrap();
     let c = tiny(

@@ -1,6 +1,6 @@
-//! Resuming after N steps gives the metrics of an uninterrupted run. The runs take turns:
-//! weight initialisation draws from the backend's process-wide RNG, which parallel tests would
-//! share.
+//! Resuming after N steps gives the metrics of an uninterrupted run, and auto damping recovers
+//! where a fixed damping diverges: runs that depend on their exact initial weights, so they take
+//! turns (weight initialisation draws from the backend's process-wide RNG).
 
 use std::path::Path;
 
@@ -38,12 +38,17 @@ fn without_wall_time(out: &Path) -> Vec<MetricsRow> {
         .collect()
 }
 
+/// One test at a time: weights are drawn from the process-wide RNG, so runs in parallel tests
+/// would start from other weights than their seed gives.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// An uninterrupted run and one stopped after 11 steps (mid-epoch, mid-period with `--freq 3`)
 /// and resumed, as metrics rows.
 fn whole_and_resumed(optim: &str, extra: &str) -> (Vec<MetricsRow>, Vec<MetricsRow>) {
-    // One run at a time: weights are drawn from the process-wide RNG.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
     let extra = format!("--warmup-epochs 1 --milestones 1 {extra}");
@@ -92,4 +97,37 @@ fn resume_after_n_steps_gives_the_same_metrics() {
         let (whole, split) = whole_and_resumed(optim, "--damping 0.3");
         assert_eq!(format!("{whole:?}"), format!("{split:?}"), "{optim}");
     }
+}
+
+#[test]
+fn auto_damping_recovers_from_a_damping_that_diverges_when_fixed() {
+    // HyLo with momentum and a refresh every 10 steps: a damping of 0.003 (100x below the demo's
+    // old fixed 0.3) held fixed blows the loss up within the first period and every later step
+    // is NaN (seeds 1-8 all do).
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |damping: &str, name: &str| {
+        run_training(
+            "classify",
+            train_command(&format!(
+                "hylo-train classify --optim hylo --epochs 3 --train-samples 1024 \
+                 --val-samples 256 --batch-size 64 --freq 10 --seed 1 \
+                 --max-consecutive-skips 10 --damping {damping} --out {}",
+                dir.path().join(name).display()
+            )),
+        )
+    };
+    let fixed = run("0.003 --kl-clip 0", "fixed");
+    assert!(
+        fixed.as_ref().is_err_and(|e| e.contains("NaN")),
+        "{:?}",
+        fixed.map(|o| o.stop)
+    );
+    // Adaptive from the same start (with its default KL clip) raises the damping and trains.
+    let outcome = run("auto:0.003", "auto").unwrap();
+    assert_eq!(outcome.stop, Stop::Finished);
+    let rows = read_metrics(&dir.path().join("auto/metrics.csv")).unwrap();
+    let last = rows.last().unwrap();
+    assert!(last.val_score > 0.9 && last.train_loss < 0.7, "{rows:?}");
+    assert!(last.damping.is_some_and(|d| d > 0.01), "{rows:?}");
 }
