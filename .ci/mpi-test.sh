@@ -32,6 +32,13 @@ for optim in hylo kfac sngd sgd; do
     grep -q "all 2 ranks agree on the weights" "$OUT/bn-$optim/train.log"
     test "$(wc -l < "$OUT/bn-$optim/metrics.csv")" -eq 3
 done
+# KL clipping across ranks: the clip's sum over layers must run in the same order on every rank
+# (parameter ids are random per process; summed by id, K-FAC's ranks drifted apart).
+for optim in kfac sngd hylo; do
+    timeout 300 "${MPIRUN[@]}" -np 2 "$BIN" classify --distributed --optim "$optim" \
+        --switch epochs:1,1,1 "${common[@]}" --kl-clip 0.001 --out "$OUT/clip-$optim"
+    grep -q "all 2 ranks agree on the weights" "$OUT/clip-$optim/train.log"
+done
 # U-Net (segmentation, BatchNorm and transposed convolutions):
 timeout 600 "${MPIRUN[@]}" -np 2 "$BIN" segment --distributed --model unet --dataset shapes \
     --optim hylo --init-features 4 --train-samples 32 --val-samples 8 --batch-size 8 --freq 2 \

@@ -206,10 +206,11 @@ pub struct TrainArgs {
     /// (constant, or decaying with --target-damping).
     #[arg(long, default_value = "auto")]
     pub damping: DampingArg,
-    /// KL clipping (KAISA's): every natural-gradient update is scaled so that its quadratic KL
-    /// estimate `lr^2 sum <v, g>` stays below this; 0: off. Default: KAISA's 0.001 with
-    /// `--damping auto` (it bounds the first steps, before the damping has adapted), off with a
-    /// fixed damping (the paper's schedules).
+    /// KL clipping (KAISA's; its default is 0.001): every natural-gradient update is scaled so
+    /// that its quadratic KL estimate `lr^2 sum <v, g>` stays below this; none or 0: off. It
+    /// bounds the steps a damping far too small would take before `auto` has adapted it, but it
+    /// scales only the preconditioned layers: with BatchNorm models the BatchNorm parameters
+    /// then do the learning and validation can lag far behind training.
     #[arg(long)]
     #[serde(default)]
     pub kl_clip: Option<f64>,
@@ -342,13 +343,9 @@ impl TrainArgs {
         }
     }
 
-    /// The KL clip in effect: `--kl-clip` (0: none), else KAISA's 0.001 with `--damping auto`.
+    /// The KL clip in effect: `--kl-clip`, none when absent or 0.
     pub fn kl_clip(&self) -> Option<f64> {
-        const KAISA_DEFAULT: f64 = 0.001;
-        match self.kl_clip {
-            Some(k) => (k > 0.0).then_some(k),
-            None => self.damping.is_auto().then_some(KAISA_DEFAULT),
-        }
+        self.kl_clip.filter(|k| *k > 0.0)
     }
 
     /// Checks what clap cannot: names, ranges and combinations; the message names the flag.
