@@ -32,6 +32,18 @@ fn tiny(optim: &str, out: &Path, extra: &str) -> TrainCommand {
     ))
 }
 
+/// Each `(flags, needle)`: `classify` with the flags parses, and validation fails with a message
+/// containing the needle (the flag's name).
+fn assert_rejected(cases: &[(&str, &str)]) {
+    for (bad, needle) in cases {
+        let err = train_command(&format!("hylo-train classify {bad}"))
+            .args
+            .validate()
+            .unwrap_err();
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+}
+
 #[test]
 fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
     let c = train_command(
@@ -69,7 +81,7 @@ fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
             "{bad}"
         );
     }
-    for (bad, needle) in [
+    assert_rejected(&[
         ("--switch epochs:1,2", "--switch"),
         ("--switch epochs:5,2,9", "A <= B <= C"),
         ("--model resnet33", "resnet33"),
@@ -82,13 +94,7 @@ fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
         ("--milestones 5,3", "--milestones"),
         ("--conv-mode fancy", "--conv-mode"),
         ("--damping 1 --target-damping 0.1", "--damping-decay"),
-    ] {
-        let err = train_command(&format!("hylo-train classify {bad}"))
-            .args
-            .validate()
-            .unwrap_err();
-        assert!(err.contains(needle), "{bad}: {err}");
-    }
+    ]);
 }
 
 #[test]
@@ -324,7 +330,7 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
     }
     assert!(parse("hylo-train classify --damping auto:x").is_err());
     assert!(parse("hylo-train classify --damping tiny").is_err());
-    for (bad, needle) in [
+    assert_rejected(&[
         ("--kl-clip=-1", "--kl-clip"),
         (
             "--damping auto --target-damping 0.1 --damping-decay 5",
@@ -332,13 +338,7 @@ fn damping_and_kl_clip_flags_parse_with_their_defaults() {
         ),
         ("--classes 17", "--classes"),
         ("--noise=-1", "--noise"),
-    ] {
-        let err = train_command(&format!("hylo-train classify {bad}"))
-            .args
-            .validate()
-            .unwrap_err();
-        assert!(err.contains(needle), "{bad}: {err}");
-    }
+    ]);
 }
 
 #[test]
