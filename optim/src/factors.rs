@@ -72,13 +72,12 @@ pub fn unfold_patches<B: Backend>(
     Tensor::cat(offsets, 2).reshape([n, c * kernel[0] * kernel[1], out_h * out_w])
 }
 
-/// Unfolds and scales a capture into per-position rows.
-pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
-    let [n, _, _] = capture.output_grad.dims();
-    let scale = n as f64;
-    let (a, g) = match (&capture.input, &capture.geometry) {
+/// A capture's inputs and output gradients by position: `[n, L, d_in]` and `[n, L, d_out]`
+/// (a convolution's inputs are its unfolded patches; a linear layer has its L positions).
+fn by_position<B: Backend>(capture: &LayerCapture<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    match (&capture.input, &capture.geometry) {
         (CapturedInput::Linear(x), LayerGeometry::Linear { .. }) => {
-            (x.clone(), capture.output_grad.clone() * scale)
+            (x.clone(), capture.output_grad.clone())
         }
         (
             CapturedInput::Conv(x),
@@ -94,11 +93,18 @@ pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
             // [n, C k k, L] -> [n, L, C k k];  [n, d_out, L] -> [n, L, d_out]
             (
                 patches.swap_dims(1, 2),
-                capture.output_grad.clone().swap_dims(1, 2) * scale,
+                capture.output_grad.clone().swap_dims(1, 2),
             )
         }
         _ => unreachable!("capture input kind always matches its geometry"),
-    };
+    }
+}
+
+/// Unfolds and scales a capture into per-position rows.
+pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
+    let [n, _, _] = capture.output_grad.dims();
+    let (a, g) = by_position(capture);
+    let g = g * n as f64;
     let a = if capture.geometry.has_bias() {
         let [n, l, _] = a.dims();
         let ones = Tensor::ones([n, l, 1], &a.device());
@@ -270,42 +276,10 @@ pub fn kfac_factors<B: Backend>(capture: &LayerCapture<B>) -> (Tensor<B, 2>, Ten
     let d_out = capture.geometry.d_out();
     // Columns are (sample, position) pairs: A = X X^T / (nL), G = Y Y^T / n with X [d_in', nL]
     // and Y [d_out, nL], one GEMM each (the transposed operand is a view).
-    let (x, y) = match (&capture.input, &capture.geometry) {
-        (
-            CapturedInput::Conv(input),
-            LayerGeometry::Conv2d {
-                kernel,
-                stride,
-                dilation,
-                padding,
-                ..
-            },
-        ) => {
-            let patches = unfold_patches(input, *kernel, *stride, *dilation, *padding);
-            let [_, d, positions] = patches.dims();
-            (
-                patches.swap_dims(0, 1).reshape([d, n * positions]),
-                capture
-                    .output_grad
-                    .clone()
-                    .swap_dims(0, 1)
-                    .reshape([d_out, n * positions]),
-            )
-        }
-        (CapturedInput::Linear(input), LayerGeometry::Linear { .. }) => {
-            let d = input.dims()[2];
-            let [_, l, _] = input.dims();
-            (
-                input.clone().reshape([n * l, d]).transpose(),
-                capture
-                    .output_grad
-                    .clone()
-                    .reshape([n * l, d_out])
-                    .transpose(),
-            )
-        }
-        _ => unreachable!("capture input kind always matches its geometry"),
-    };
+    let (a, g) = by_position(capture);
+    let [_, l, d] = a.dims();
+    let x = a.reshape([n * l, d]).transpose();
+    let y = g.reshape([n * l, d_out]).transpose();
     let x = if capture.geometry.has_bias() {
         let cols = x.dims()[1];
         Tensor::cat(
