@@ -162,6 +162,13 @@ where
     let mut lr = schedule.rate_at(state.global_step as usize);
     let mut pending = PendingTally::<B::InnerBackend>::default();
     let first_step = state.global_step;
+    // This rank's batches of an epoch (shuffled, augmented), from batch `skip` on.
+    let epoch_order = |epoch: u64, skip: u64| {
+        EpochOrder::sharded(
+            train_len, batch_size, args.seed, epoch, true, true, rank, size,
+        )
+        .skip_batches(skip as usize, local_batch)
+    };
     // Adaptive damping: the last refresh batch (rebuilt from `state.refresh` after a resume).
     let mut refresh_batch: Option<hylo_datasets::Batch<B>> = None;
     let mut skips = SkipWatch {
@@ -169,17 +176,7 @@ where
         limit: args.max_consecutive_skips,
     };
     while state.epoch < args.epochs {
-        let order = EpochOrder::sharded(
-            train_len,
-            batch_size,
-            args.seed,
-            state.epoch,
-            true,
-            true,
-            rank,
-            size,
-        )
-        .skip_batches(state.step_in_epoch as usize, local_batch);
+        let order = epoch_order(state.epoch, state.step_in_epoch);
         step_bar.reset();
         step_bar.set_position(state.step_in_epoch);
         for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
@@ -201,17 +198,7 @@ where
                     let kept = match refresh_batch.take() {
                         Some(kept) => kept,
                         None => {
-                            let order = EpochOrder::sharded(
-                                train_len,
-                                batch_size,
-                                args.seed,
-                                point.epoch,
-                                true,
-                                true,
-                                rank,
-                                size,
-                            )
-                            .skip_batches(point.step_in_epoch as usize, local_batch);
+                            let order = epoch_order(point.epoch, point.step_in_epoch);
                             loader::<B>(train_batcher.clone(), order, local_batch, device)
                                 .iter()
                                 .next()

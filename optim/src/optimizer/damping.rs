@@ -28,14 +28,14 @@ use crate::host;
 use crate::schedule::levenberg_marquardt;
 
 /// The weights and biases of the preconditioned layers, by parameter id.
-pub(super) struct LayerParams<'a, I: Backend> {
-    pub ids: &'a [ParamId],
-    pub values: GradientsParams,
+struct LayerParams<'a, I: Backend> {
+    ids: &'a [ParamId],
+    values: GradientsParams,
     _backend: std::marker::PhantomData<I>,
 }
 
 impl<'a, I: Backend> LayerParams<'a, I> {
-    pub fn new(ids: &'a [ParamId]) -> Self {
+    fn new(ids: &'a [ParamId]) -> Self {
         Self {
             ids,
             values: GradientsParams::new(),
@@ -120,9 +120,10 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         let config = &self.config.damping;
         if config.adaptive {
             if let Some(rho) = self.reduction_ratio.take() {
-                // Every rank applies the same damping: the mean of the ranks' ratios (they share
-                // the loss change; their quadratic models can differ where a rank holds only
-                // the layers it owns). A NaN anywhere makes the mean NaN: a bad step on all.
+                // Every rank applies the same damping: the mean of the ranks' ratios. They share
+                // the loss change, weights, gradients and curvature, so the ratios agree up to
+                // rounding; the mean makes the damping identical even then. A NaN anywhere makes
+                // the mean NaN: a bad step on all.
                 let mut rho = [host::read_scalar(rho) as f32];
                 self.comm.all_reduce_sum(&mut rho);
                 let rho = f64::from(rho[0]) / self.comm.size() as f64;
