@@ -11,11 +11,38 @@ use crate::rows::PerSampleRows;
 /// How the per-sample gradient of a convolution is represented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum ConvMode {
-    /// The HyLo paper's code: a_i and g_i are averaged over output positions (cheap, approximate).
+    /// The HyLo paper's code: a_i and g_i are averaged over output positions (cheap, approximate;
+    /// about 1/L of the per-sample gradient, so the curvature is about 1/L^2 of its scale).
     #[default]
     SpatialMean,
+    /// `SpatialMean` rows at the gradient's scale: a_i averaged and g_i summed over the L output
+    /// positions (L times the `SpatialMean` row; the exact per-sample gradient when a and g are
+    /// constant over positions). As cheap as `SpatialMean`.
+    GradientScale,
     /// The true per-sample gradient sum_l g_il a_il^T, materialised per sample.
     Exact,
+}
+
+impl ConvMode {
+    /// The name used on command lines and in reports (`spatial-mean`, `gradient-scale`, `exact`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SpatialMean => "spatial-mean",
+            Self::GradientScale => "gradient-scale",
+            Self::Exact => "exact",
+        }
+    }
+}
+
+impl std::str::FromStr for ConvMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::SpatialMean, Self::GradientScale, Self::Exact]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("expected spatial-mean, gradient-scale or exact, got `{s}`"))
+    }
 }
 
 /// A layer's data at every output position: inputs `[n, L, d_in']` (bias column included) and
@@ -117,11 +144,13 @@ pub fn position_rows<B: Backend>(capture: &LayerCapture<B>) -> PositionRows<B> {
 
 /// Per-sample rows of a layer for SNGD and HyLo.
 ///
-/// Linear layers (one position) and `SpatialMean` convolutions give Kronecker rows; `Exact`
-/// convolutions give the materialised per-sample gradients.
+/// Linear layers (one position), `SpatialMean` and `GradientScale` convolutions give Kronecker
+/// rows; `Exact` convolutions give the materialised per-sample gradients.
 pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) -> PerSampleRows<B> {
-    if let (ConvMode::SpatialMean, CapturedInput::Conv(x)) = (mode, &capture.input) {
-        return spatial_mean_rows(x, capture);
+    if let (ConvMode::SpatialMean | ConvMode::GradientScale, CapturedInput::Conv(x)) =
+        (mode, &capture.input)
+    {
+        return spatial_mean_rows(x, capture, mode == ConvMode::GradientScale);
     }
     let PositionRows { a, g } = position_rows(capture);
     let [n, positions, d_in] = a.dims();
@@ -136,6 +165,10 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
         ConvMode::SpatialMean => PerSampleRows::Kronecker {
             a: a.mean_dim(1).reshape([n, d_in]),
             g: g.mean_dim(1).reshape([n, d_out]),
+        },
+        ConvMode::GradientScale => PerSampleRows::Kronecker {
+            a: a.mean_dim(1).reshape([n, d_in]),
+            g: g.sum_dim(1).reshape([n, d_out]),
         },
         ConvMode::Exact => {
             // J_i = sum_l g_il a_il^T = g_i^T a_i : [n, d_out, L] x [n, L, d_in']
@@ -152,8 +185,13 @@ pub fn per_sample_rows<B: Backend>(capture: &LayerCapture<B>, mode: ConvMode) ->
 /// patch entry (c, u, v) is the mean of the padded input over a strided sub-grid. The sub-grid
 /// sums are separable: a strided row sum per kernel row ([`kernel_row_sums`], from one pass over
 /// the input), then a strided column sum of that per kernel offset (no `[n, C k k, L]`
-/// intermediate; the input is copied only when the stride does not divide its height).
-fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) -> PerSampleRows<B> {
+/// intermediate; the input is copied only when the stride does not divide its height). With
+/// `gradient_scale` the output gradient is summed over positions instead of averaged.
+fn spatial_mean_rows<B: Backend>(
+    x: &Tensor<B, 4>,
+    capture: &LayerCapture<B>,
+    gradient_scale: bool,
+) -> PerSampleRows<B> {
     let LayerGeometry::Conv2d {
         kernel,
         stride,
@@ -198,7 +236,12 @@ fn spatial_mean_rows<B: Backend>(x: &Tensor<B, 4>, capture: &LayerCapture<B>) ->
     } else {
         a
     };
-    let g = capture.output_grad.clone().mean_dim(2).reshape([n, d_out]) * n as f64;
+    let g = if gradient_scale {
+        capture.output_grad.clone().sum_dim(2)
+    } else {
+        capture.output_grad.clone().mean_dim(2)
+    };
+    let g = g.reshape([n, d_out]) * n as f64;
     PerSampleRows::Kronecker { a, g }
 }
 
@@ -411,5 +454,95 @@ mod tests {
                 (expected.0.len(), expected.1.len())
             );
         }
+    }
+
+    /// A convolution capture with random input and output gradient (or constant over positions).
+    fn conv_capture(
+        n: usize,
+        c: usize,
+        d_out: usize,
+        hw: [usize; 2],
+        constant: bool,
+    ) -> LayerCapture<Flex> {
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (kernel, stride) = ([3, 2], [2, 1]);
+        let (oh, ow) = ((hw[0] - 3) / 2 + 1, hw[1] - 1);
+        let (input, output_grad) = if constant {
+            (
+                Tensor::<Flex, 4>::random([n, c, 1, 1], normal, &device)
+                    .expand([n, c, hw[0], hw[1]]),
+                Tensor::<Flex, 3>::random([n, d_out, 1], normal, &device).expand([
+                    n,
+                    d_out,
+                    oh * ow,
+                ]),
+            )
+        } else {
+            (
+                Tensor::random([n, c, hw[0], hw[1]], normal, &device),
+                Tensor::random([n, d_out, oh * ow], normal, &device),
+            )
+        };
+        LayerCapture {
+            weight_id: ParamId::new(),
+            bias_id: Some(ParamId::new()),
+            geometry: LayerGeometry::Conv2d {
+                channels_in: c,
+                channels_out: d_out,
+                kernel,
+                stride,
+                dilation: [1, 1],
+                padding: [0, 0, 0, 0],
+                bias: true,
+            },
+            input: CapturedInput::Conv(input),
+            output_grad,
+        }
+    }
+
+    fn max_relative_diff(x: Tensor<Flex, 2>, y: Tensor<Flex, 2>) -> f32 {
+        let scale: f32 = y.clone().abs().max().into_scalar();
+        let diff: f32 = (x - y).abs().max().into_scalar();
+        diff / scale
+    }
+
+    #[test]
+    fn gradient_scale_rows_are_the_exact_per_sample_gradients_when_nothing_varies_over_positions() {
+        let capture = conv_capture(4, 3, 5, [7, 6], true);
+        let exact = per_sample_rows(&capture, ConvMode::Exact).jacobian();
+        let scaled = per_sample_rows(&capture, ConvMode::GradientScale).jacobian();
+        assert!(max_relative_diff(scaled, exact.clone()) < 1e-5);
+        // The paper's rows are 1/L of it (L = 3 x 5 positions here).
+        let mean = per_sample_rows(&capture, ConvMode::SpatialMean).jacobian();
+        assert!(max_relative_diff(mean * 15.0, exact) < 1e-5);
+    }
+
+    #[test]
+    fn gradient_scale_rows_are_l_times_spatial_mean_rows() {
+        let capture = conv_capture(3, 2, 4, [9, 5], false);
+        let mean = per_sample_rows(&capture, ConvMode::SpatialMean).jacobian();
+        let scaled = per_sample_rows(&capture, ConvMode::GradientScale).jacobian();
+        let positions = capture.output_grad.dims()[2] as f64;
+        assert!(max_relative_diff(scaled, mean * positions) < 1e-5);
+        // And not the exact per-sample gradients once the data varies over positions.
+        let exact = per_sample_rows(&capture, ConvMode::Exact).jacobian();
+        let scaled = per_sample_rows(&capture, ConvMode::GradientScale).jacobian();
+        assert!(max_relative_diff(scaled, exact) > 1e-2);
+    }
+
+    #[test]
+    fn conv_modes_parse_by_name() {
+        for mode in [
+            ConvMode::SpatialMean,
+            ConvMode::GradientScale,
+            ConvMode::Exact,
+        ] {
+            assert_eq!(mode.name().parse::<ConvMode>(), Ok(mode));
+        }
+        assert!("mean"
+            .parse::<ConvMode>()
+            .unwrap_err()
+            .contains("gradient-scale"));
     }
 }

@@ -94,8 +94,8 @@ pub mod schedule;
 pub use capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
 pub use factors::ConvMode;
 pub use optimizer::{
-    CurvatureConfig, HyloConfig, KfacConfig, NaturalGradient, ReportObserver, SngdConfig,
-    StepReport,
+    CurvatureConfig, Graft, HyloConfig, KfacConfig, NaturalGradient, PeriodVerdict, ReportObserver,
+    SngdConfig, StepReport,
 };
 pub use precond::{HyloMode, KfacMethod, SwitchPolicy};
 pub use schedule::DampingConfig;

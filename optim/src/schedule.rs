@@ -23,36 +23,56 @@ pub struct DampingConfig {
     /// Refreshes before the decay starts.
     #[config(default = 0)]
     pub warmup_refreshes: usize,
-    /// Adapt lambda at each refresh with the Levenberg-Marquardt rule on the reduction ratio of
-    /// the previous refresh period (see [`levenberg_marquardt`]); `initial` is the starting
+    /// Adapt lambda at each inversion with the Levenberg-Marquardt rule on the reduction ratio of
+    /// the period since the previous one (see [`levenberg_marquardt`]); `initial` is the starting
     /// value, `target` and the decay are then unused. Needs the training loop to report the loss
-    /// of the last refresh batch before each refresh (`NaturalGradient::observe_loss_change`).
+    /// of the period's first batch before the next inversion
+    /// (`NaturalGradient::observe_loss_change`).
     #[config(default = false)]
     pub adaptive: bool,
     /// Smallest lambda the adaptive rule reaches.
-    #[config(default = 1e-4)]
+    #[config(default = 1e-6)]
     pub min: f64,
-    /// Largest lambda the adaptive rule reaches.
-    #[config(default = 1e3)]
+    /// Largest lambda the adaptive rule reaches. A layer without curvature moves by `g / lambda`
+    /// (times the learning rate): at 10 that is still a tenth of SGD's step, so the rule can
+    /// slow a layer down but not freeze it.
+    #[config(default = 10.0)]
     pub max: f64,
-    /// Factor omega of the adaptive rule: lambda is multiplied by omega after a good step and
-    /// divided by it after a bad one.
-    #[config(default = 0.5)]
+    /// Factor omega per step of the adaptive rule (Martens & Grosse's 19/20): over a period of
+    /// T steps lambda is multiplied by omega^T after a good period and divided by it after a bad
+    /// one.
+    #[config(default = 0.95)]
     pub omega: f64,
 }
 
+/// Relative size of the predicted change below which the quadratic model is taken to predict
+/// nothing (the loss's own f32 resolution).
+pub const PREDICTED_EPSILON: f64 = 1e-6;
+
 /// The Levenberg-Marquardt update of the damping (Martens & Grosse 2015, section 6.5) from the
-/// reduction ratio `rho = (L(theta + delta) - L(theta)) / (q(delta) - q(0))`: the actual change
-/// of the loss on the refresh batch over the change the local quadratic model
-/// `q(delta) = g^T delta + delta^T F delta / 2` predicts. The model is trusted (`rho > 3/4`):
-/// lambda shrinks by `omega`; it is not (`rho < 1/4`): lambda grows by `1/omega`, and by
-/// `1/omega^2` when the loss rose instead of falling (`rho < 0`) or `rho` is not finite; in
+/// actual change of the loss on the refresh batch, `actual = L(theta + delta) - L(theta)`, and
+/// the change the local quadratic model `q(delta) = g^T delta + delta^T F delta / 2` predicts,
+/// `predicted`. When the model predicts no decrease (`predicted >= -epsilon |loss|`, possible
+/// after momentum overshoot) the ratio says nothing and lambda stays. Otherwise, with
+/// `rho = actual / predicted`: the model is trusted (`rho > 3/4`): lambda shrinks by `omega`;
+/// it is not (`rho < 1/4`, the loss rose, or `rho` is not finite): lambda grows by `1/omega`; in
 /// between it stays. The result is clamped to `[min, max]`.
-pub fn levenberg_marquardt(lambda: f64, rho: f64, omega: f64, min: f64, max: f64) -> f64 {
-    let next = if !rho.is_finite() || rho < 0.0 {
-        // The loss went up (or became undefined): the model is wrong in sign, not just in size.
-        lambda / (omega * omega)
-    } else if rho < 0.25 {
+pub fn levenberg_marquardt(
+    lambda: f64,
+    actual: f64,
+    predicted: f64,
+    loss: f64,
+    omega: f64,
+    min: f64,
+    max: f64,
+) -> f64 {
+    let epsilon = PREDICTED_EPSILON * if loss.is_finite() { loss.abs() } else { 1.0 };
+    // NaN counts as no decrease.
+    if predicted.is_nan() || predicted >= -epsilon {
+        return lambda;
+    }
+    let rho = actual / predicted;
+    let next = if !rho.is_finite() || rho < 0.25 {
         lambda / omega
     } else if rho > 0.75 {
         lambda * omega
@@ -222,15 +242,41 @@ mod tests {
 
     #[test]
     fn levenberg_marquardt_trusts_good_models_and_distrusts_bad_ones() {
-        let lm = |rho| levenberg_marquardt(1.0, rho, 0.5, 1e-3, 10.0);
-        assert_eq!(lm(1.0), 0.5); // as predicted: less damping
-        assert_eq!(lm(0.8), 0.5);
-        assert_eq!(lm(0.5), 1.0); // roughly: unchanged
-        assert_eq!(lm(0.1), 2.0); // much worse than predicted: more damping
-        assert_eq!(lm(-3.0), 4.0); // the loss went up
-        assert_eq!(lm(f64::NAN), 4.0);
-        assert_eq!(levenberg_marquardt(8.0, 0.0, 0.5, 1e-3, 10.0), 10.0);
-        assert_eq!(levenberg_marquardt(1.5e-3, 1.0, 0.5, 1e-3, 10.0), 1e-3);
+        // A predicted decrease of 1 on a loss of 2; actual decreases of 1, 0.8, 0.5, 0.1, a rise.
+        let lm = |actual| levenberg_marquardt(1.0, actual, -1.0, 2.0, 0.5, 1e-3, 10.0);
+        assert_eq!(lm(-1.0), 0.5); // as predicted: less damping
+        assert_eq!(lm(-0.8), 0.5);
+        assert_eq!(lm(-0.5), 1.0); // roughly: unchanged
+        assert_eq!(lm(-0.1), 2.0); // much worse than predicted: more damping
+        assert_eq!(lm(3.0), 2.0); // the loss went up: symmetric, one step
+        assert_eq!(lm(f64::NAN), 2.0);
+        // Clamped.
+        assert_eq!(
+            levenberg_marquardt(8.0, 0.0, -1.0, 2.0, 0.5, 1e-3, 10.0),
+            10.0
+        );
+        assert_eq!(
+            levenberg_marquardt(1.5e-3, -1.0, -1.0, 2.0, 0.5, 1e-3, 10.0),
+            1e-3
+        );
+    }
+
+    #[test]
+    fn levenberg_marquardt_leaves_lambda_alone_when_no_decrease_is_predicted() {
+        for predicted in [0.0, 0.3, -1e-8, f64::NAN] {
+            for actual in [-1.0, 0.0, 5.0] {
+                assert_eq!(
+                    levenberg_marquardt(0.7, actual, predicted, 2.0, 0.5, 1e-3, 10.0),
+                    0.7,
+                    "q = {predicted}, actual {actual}"
+                );
+            }
+        }
+        // Just below the threshold the rule acts again.
+        assert_eq!(
+            levenberg_marquardt(0.7, -1e-3, -1e-3, 2.0, 0.5, 1e-3, 10.0),
+            0.35
+        );
     }
 
     #[test]

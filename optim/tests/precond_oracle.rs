@@ -254,6 +254,49 @@ fn kid_below_full_rank_matches_the_dense_formula() {
 }
 
 #[test]
+fn kid_quadratic_model_is_the_fisher_its_preconditioner_inverts() {
+    // Below full rank, KID's v = (J_S^T (lambda S) J_S + lambda I)^-1 ghat (Woodbury with
+    // M = (S^-1 + K_SS)^-1): its quadratic model must use F = J_S^T (lambda S) J_S.
+    let (n, r, lambda) = (16, 5, 0.1);
+    let rows = kron_rows(n, 5, 4, 63);
+    let delta = tensor::<IB, 2>(65, [4, 5]);
+    let jac = to_mat(rows.jacobian());
+    let (skeleton, s) = kid_skeleton_dense(&jac, n as f64 * lambda, r);
+    let js = Mat::from_fn(r, jac.ncols(), |i, j| jac[(skeleton[i], j)]);
+    let d = Mat::from_fn(jac.ncols(), 1, |i, _| mat_to_vec(&to_mat(delta.clone()))[i]);
+    let u = &js * &d;
+    let oracle = (u.transpose() * (&s * lambda) * &u)[(0, 0)];
+    let state = kid::refresh(rows.clone(), lambda, r).unwrap();
+    let got = to_vec(state.quadratic(delta.clone()))[0];
+    assert!(rel_err(&[got], &[oracle]) < 1e-4, "{got} vs {oracle}");
+    // The direction is that of the same Fisher, damped (so the two agree).
+    let f = js.transpose() * (&s * lambda) * &js;
+    let mut damped = f.clone();
+    for i in 0..damped.nrows() {
+        damped[(i, i)] += lambda;
+    }
+    let ghat = tensor::<IB, 2>(64, [4, 5]);
+    let g = Mat::from_fn(jac.ncols(), 1, |i, _| mat_to_vec(&to_mat(ghat.clone()))[i]);
+    let v_dense = hylo_optim::linalg::lu_solve(damped.as_ref(), g.as_ref()).unwrap();
+    let v = to_vec(state.apply(ghat));
+    let v_dense: Vec<f64> = (0..v.len()).map(|i| v_dense[(i, 0)]).collect();
+    assert!(rel_err(&v, &v_dense) < 1e-4);
+    // SNGD and KIS: the mean over the rows they keep.
+    let sngd_state = sngd::refresh(rows.clone(), lambda).unwrap();
+    let dense: f64 = (0..n)
+        .map(|i| {
+            (0..jac.ncols())
+                .map(|j| jac[(i, j)] * d[(j, 0)])
+                .sum::<f64>()
+                .powi(2)
+        })
+        .sum::<f64>()
+        / n as f64;
+    let got = to_vec(sngd_state.quadratic(delta))[0];
+    assert!(rel_err(&[got], &[dense]) < 1e-4, "{got} vs {dense}");
+}
+
+#[test]
 fn kid_with_rank_above_the_kernel_rank_stays_exact() {
     // Duplicate rows make the kernel rank deficient; asking for more rows than its rank must not
     // blow up and still reproduces SNGD.

@@ -229,9 +229,17 @@ pub struct TrainArgs {
     /// HyLo switching: auto, auto:THRESHOLD, kid, kis, or epochs:A,B,C.
     #[arg(long, default_value = "auto")]
     pub switch: String,
-    /// Convolution curvature: spatial-mean (HyLo's) or exact.
+    /// Convolution curvature of SNGD and HyLo: spatial-mean (the HyLo paper's rows, about 1/L
+    /// of the per-sample gradient over L output positions), gradient-scale (the same rows at
+    /// the gradient's scale) or exact (the per-sample gradients, materialised).
     #[arg(long, default_value = "spatial-mean")]
     pub conv_mode: String,
+    /// Step size of the natural-gradient directions: sgd (each layer's direction rescaled to the
+    /// norm of its gradient, so that --lr and its schedule work as for SGD) or none (the
+    /// preconditioned direction as it is, as in the papers).
+    #[arg(long, default_value = "none")]
+    #[serde(default = "default_graft")]
+    pub graft: String,
     /// K-FAC eigendecomposition period (a multiple of --freq; default: --freq).
     #[arg(long)]
     pub inverse_every: Option<u64>,
@@ -305,6 +313,10 @@ pub struct TrainArgs {
     pub distributed: bool,
 }
 
+fn default_graft() -> String {
+    "none".into()
+}
+
 fn default_classes() -> u64 {
     4
 }
@@ -334,13 +346,14 @@ impl TrainArgs {
 
     /// The convolution curvature mode.
     pub fn conv_mode(&self) -> Result<ConvMode, String> {
-        match self.conv_mode.as_str() {
-            "spatial-mean" => Ok(ConvMode::SpatialMean),
-            "exact" => Ok(ConvMode::Exact),
-            other => Err(format!(
-                "--conv-mode: expected spatial-mean or exact, got `{other}`"
-            )),
-        }
+        self.conv_mode
+            .parse()
+            .map_err(|e| format!("--conv-mode: {e}"))
+    }
+
+    /// The grafting of the natural-gradient directions.
+    pub fn graft(&self) -> Result<hylo_optim::Graft, String> {
+        self.graft.parse().map_err(|e| format!("--graft: {e}"))
     }
 
     /// The KL clip in effect: `--kl-clip`, none when absent or 0.
@@ -364,6 +377,7 @@ impl TrainArgs {
             ));
         }
         self.conv_mode()?;
+        self.graft()?;
         parse_switch(&self.switch, 1)?;
         let model: hylo_models::ModelName =
             self.model.parse().map_err(|e| format!("--model: {e}"))?;

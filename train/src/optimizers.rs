@@ -50,7 +50,8 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             .with_freq(args.freq as usize)
             .with_damping(damping)
             .with_kl_clip(args.kl_clip())
-            .with_conv_mode(args.conv_mode()?);
+            .with_conv_mode(args.conv_mode()?)
+            .with_graft(args.graft()?);
         let err = |e: hylo_optim::error::ConfigError| e.to_string();
         let optim = match args.optim {
             OptimName::Sgd => Self::Sgd(
@@ -99,9 +100,36 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
     /// Bytes the last curvature refresh moved between workers (zero when not distributed).
     pub fn refresh_bytes(&self) -> Option<hylo_optim::comm::CommBytes> {
         match self {
-            Self::Natural(o) if o.last_report().refreshed => Some(o.last_report().comm),
+            Self::Natural(o) if o.last_known().refreshed => Some(o.last_known().comm),
             _ => None,
         }
+    }
+
+    /// Whether steps with non-finite gradients are skipped (ours) rather than applied (Burn's).
+    pub fn skips_non_finite(&self) -> bool {
+        matches!(self, Self::Natural(_))
+    }
+
+    /// Adaptive damping: how the period that ended at the last step was judged (no device read).
+    pub fn last_period(&self) -> Option<hylo_optim::PeriodVerdict> {
+        match self {
+            Self::Natural(o) => o.last_known().period,
+            _ => None,
+        }
+    }
+
+    /// Adaptive damping: periods rejected in a row up to the last step.
+    pub fn consecutive_rejections(&self) -> usize {
+        match self {
+            Self::Natural(o) => o.consecutive_rejections(),
+            _ => 0,
+        }
+    }
+
+    /// Adaptive damping: whether the next step starts a period (its batch's loss is measured
+    /// again at the period's end).
+    pub fn starts_period(&self) -> bool {
+        matches!(self, Self::Natural(o) if o.adapts_damping() && o.is_inversion_step(o.steps()))
     }
 
     /// One update of `model` with learning rate `lr`.
@@ -189,10 +217,19 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             Self::Adam(o) => {
                 Self::Adam(o.load_record(recorder.load(path.clone(), device).map_err(fail)?))
             }
-            Self::Natural(o) => Self::Natural(Box::new(Optimizer::<M, B>::load_record(
-                *o,
-                recorder.load(path.clone(), device).map_err(fail)?,
-            ))),
+            Self::Natural(o) => {
+                let record = recorder.load(path.clone(), device).map_err(|e| {
+                    format!(
+                        "{}: cannot load the optimizer state ({e}); checkpoints of SNGD, K-FAC \
+                         and HyLo written before hylo-optim 0.2 (record format {}) cannot be \
+                         resumed by this version: start the run again (checkpoint/model.bin \
+                         still loads as a Burn record)",
+                        path.display(),
+                        hylo_optim::optimizer::RECORD_FORMAT
+                    )
+                })?;
+                Self::Natural(Box::new(Optimizer::<M, B>::load_record(*o, record)))
+            }
         })
     }
 }

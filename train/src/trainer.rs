@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use hylo_datasets::{loader, EpochOrder, SampleBatcher};
 use hylo_optim::schedule::WarmupMultiStepConfig;
-use hylo_optim::CaptureHandle;
+use hylo_optim::{CaptureHandle, PeriodVerdict};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
@@ -175,6 +175,7 @@ where
         seen: optim.skipped_steps().0,
         limit: args.max_consecutive_skips,
     };
+    let mut divergence = DivergenceWatch::default();
     while state.epoch < args.epochs {
         let order = epoch_order(state.epoch, state.step_in_epoch);
         step_bar.reset();
@@ -220,8 +221,7 @@ where
                     optim.observe_loss_change(&model, scalar_on(point.loss, device), after);
                 }
             }
-            let refreshing = optim.adapts_damping() && capture.is_armed();
-            let kept = refreshing.then(|| batch.clone());
+            let kept = optim.starts_period().then(|| batch.clone());
             let loss = model.loss(batch, &mut pending);
             if let Some(kept) = kept {
                 // Read now so that a checkpoint can keep it (one read per refresh).
@@ -237,6 +237,25 @@ where
             model = optim.step(lr, model, grads);
             // BatchNorm statistics: every rank keeps the mean over the ranks.
             model = average_buffers::<B, M>(model, workers.comm.as_ref()).0;
+            if let Some(PeriodVerdict::Rejected { before, after }) = optim.last_period() {
+                log(&format!(
+                    "step {}: the refresh batch's loss went from {before:.4} to {after:.4} over \
+                     the last period: period rejected (weights and momentum restored to its \
+                     start), damping raised to {:.3e}",
+                    state.global_step,
+                    optim.damping().unwrap_or(f64::NAN)
+                ));
+                if optim.consecutive_rejections() >= MAX_CONSECUTIVE_REJECTIONS {
+                    return Err(format!(
+                        "adaptive damping rejected the last {} periods in a row (up to step {}): \
+                         the loss blows up even at damping {:.3e}; training stopped, the last \
+                         checkpoint is kept as it was (try a lower --lr)",
+                        MAX_CONSECUTIVE_REJECTIONS,
+                        state.global_step,
+                        optim.damping().unwrap_or(f64::NAN)
+                    ));
+                }
+            }
             if let Some(bytes) = optim.refresh_bytes().filter(|_| workers.distributed()) {
                 log(&format!(
                     "refresh at step {}: all-gather {} B, broadcast {} B, all-reduce {} B \
@@ -281,6 +300,11 @@ where
                     state.train.score()
                 ));
                 skips.check(&optim, state.global_step, &log)?;
+                divergence.check(
+                    state.train.loss(),
+                    state.global_step,
+                    optim.skips_non_finite(),
+                )?;
             }
             if let Some(stop) = stop {
                 if epoch_done {
@@ -361,6 +385,45 @@ fn scalar_on<I: burn::tensor::backend::Backend>(
     device: &I::Device,
 ) -> burn::tensor::Tensor<I, 1> {
     burn::tensor::Tensor::from_floats([value as f32], device)
+}
+
+/// Periods rejected in a row by adaptive damping after which the run stops.
+pub const MAX_CONSECUTIVE_REJECTIONS: usize = 5;
+
+/// The training loss (its epoch-to-date mean at the loop's log points) may not grow beyond this
+/// factor times its first value: the run stops with an error instead of training on.
+pub const MAX_LOSS_GROWTH: f64 = 10.0;
+
+/// Stops a run whose training loss blows up: its epoch-to-date mean at a log point above
+/// [`MAX_LOSS_GROWTH`] times the first one, or not finite with an optimizer that does not skip
+/// non-finite steps (Burn's SGD and Adam; ours skip them and [`SkipWatch`] counts them).
+#[derive(Default)]
+struct DivergenceWatch {
+    first: Option<f64>,
+}
+
+impl DivergenceWatch {
+    fn check(&mut self, loss: f64, step: u64, skips_non_finite: bool) -> Result<(), String> {
+        const ADVICE: &str = "the last checkpoint is kept as it was (try a lower --lr; with \
+                              sngd, kfac or hylo also --damping auto or --graft sgd)";
+        if !loss.is_finite() {
+            if skips_non_finite {
+                return Ok(());
+            }
+            return Err(format!(
+                "the training loss is {loss} at step {step}: training diverged and was stopped; \
+                 {ADVICE}"
+            ));
+        }
+        let first = *self.first.get_or_insert(loss);
+        if loss > MAX_LOSS_GROWTH * first.abs() {
+            return Err(format!(
+                "the training loss grew from {first:.4} to {loss:.4} (more than {MAX_LOSS_GROWTH}x) \
+                 by step {step}: training diverges and was stopped; {ADVICE}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Skipped updates (NaN or Inf in the gradients), read at the loop's log points: logs new ones

@@ -183,6 +183,8 @@ fn steps_that_keep_failing_stop_the_run_with_the_last_checkpoint_kept() {
         .args([
             "--optim",
             "sngd",
+            "--damping",
+            "0.3",
             "--milestones",
             "1",
             "--lr-decay",
@@ -210,4 +212,105 @@ fn steps_that_keep_failing_stop_the_run_with_the_last_checkpoint_kept() {
     );
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
     assert!(log.contains("update(s) skipped"), "{log}");
+}
+
+#[test]
+fn periods_that_keep_blowing_up_stop_the_run_with_the_last_checkpoint_kept() {
+    // A learning rate of 1e30 from epoch 1 on, with adaptive damping and a refresh every step:
+    // each period's loss blows up, is rejected (weights restored, damping raised) and blows up
+    // again; after five rejections in a row the run stops.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = bin()
+        .args([
+            "classify",
+            "--epochs",
+            "5",
+            "--train-samples",
+            "128",
+            "--val-samples",
+            "32",
+            "--batch-size",
+            "32",
+            "--freq",
+            "1",
+            "--optim",
+            "sngd",
+            "--milestones",
+            "1",
+            "--lr-decay",
+            "1e31",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rejected the last 5 periods in a row"),
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert_eq!(log.matches("period rejected").count(), 5, "{log}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    // Stopped inside an epoch: the checkpoint of an earlier epoch is the one kept.
+    assert!(
+        state["epoch"].as_u64().is_some_and(|e| (1..5).contains(&e)),
+        "{state}"
+    );
+}
+
+#[test]
+fn a_training_loss_that_grows_tenfold_stops_the_run() {
+    // SGD with a learning rate far too large and no NaN: the loss grows by orders of magnitude.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = bin()
+        .args(SHORT_RUN)
+        .arg(&run)
+        .args(["--optim", "sgd", "--lr", "3", "--log-every", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the training loss grew from") && stderr.contains("training diverges"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_checkpoint_of_an_earlier_version_is_refused_with_a_clear_message() {
+    // Written by hylo-train 0.1 (HyLo with adaptive damping, stopped at step 5 of an MLP run):
+    // its optimizer record has the old layout.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("old");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-2026-11");
+    std::fs::create_dir_all(run.join("checkpoint")).unwrap();
+    for file in [
+        "config.json",
+        "metrics.csv",
+        "train.log",
+        "checkpoint/model.bin",
+        "checkpoint/optimizer.bin",
+        "checkpoint/state.json",
+    ] {
+        std::fs::copy(fixture.join(file), run.join(file)).unwrap();
+    }
+    let out = bin()
+        .args(["classify", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("optimizer") && stderr.contains("written before hylo-optim 0.2"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }

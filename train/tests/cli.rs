@@ -93,6 +93,7 @@ fn the_issue_command_lines_parse_and_bad_ones_are_rejected() {
         ("--lr=-1", "--lr"),
         ("--milestones 5,3", "--milestones"),
         ("--conv-mode fancy", "--conv-mode"),
+        ("--graft adam", "--graft"),
         ("--damping 1 --target-damping 0.1", "--damping-decay"),
     ]);
 }

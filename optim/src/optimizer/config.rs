@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::tensor::backend::AutodiffBackend;
 
-use super::NaturalGradient;
+use super::{Graft, NaturalGradient};
 use crate::capture::CaptureHandle;
 use crate::error::ConfigError;
 use crate::factors::ConvMode;
@@ -31,6 +31,10 @@ pub struct CurvatureConfig {
     /// KL clipping kappa (KAISA): every update is scaled by min(1, sqrt(kappa / (lr^2 sum <v, g>))).
     #[config(default = "None")]
     pub kl_clip: Option<f64>,
+    /// Whose step size the directions take: SGD's (each layer's direction rescaled to the norm of
+    /// its gradient) or the preconditioner's own.
+    #[config(default = "Graft::None")]
+    pub graft: Graft,
 }
 
 impl CurvatureConfig {

@@ -1,24 +1,37 @@
-//! Adaptive damping: the Levenberg-Marquardt rule on the reduction ratio of each refresh
-//! period.
+//! Adaptive damping: the Levenberg-Marquardt rule on the reduction ratio of each curvature
+//! period (Martens & Grosse 2015, section 6.5; kfac-jax).
 //!
-//! A curvature refreshed at step `s` is used until the next refresh at `s + freq`; over that
-//! period the weights move by `Delta = theta_{s+freq} - theta_s` (directions, momentum, weight
-//! decay and KL clipping included). The local quadratic model built at `s` predicts the change
-//! of the loss of the refresh batch `B_s`:
-//! `q(Delta) = sum_layers <g_s, Delta> + Delta^T F_s Delta / 2`, with each layer's curvature
-//! (the kept per-sample rows for SNGD and HyLo, the factors for K-FAC). Right before the next
-//! refresh the training loop evaluates the loss of `B_s` at the current weights and hands it,
-//! with the loss of `B_s` at step `s`, to [`NaturalGradient::observe_loss_change`]; the ratio
-//! `rho = (L(B_s, theta_{s+freq}) - L(B_s, theta_s)) / q(Delta)` then drives
-//! [`levenberg_marquardt`](crate::schedule::levenberg_marquardt) at that refresh.
+//! A period runs from one inversion step `s` (SNGD and HyLo: every refresh; K-FAC: every
+//! `inverse_every` steps) to the next, `s + T`; over it the weights move by
+//! `Delta = theta_{s+T} - theta_s` (directions, momentum, weight decay, grafting and KL clipping
+//! included). The local quadratic model built at `s` predicts the change of the loss of the batch
+//! `B_s` of step `s`:
 //!
-//! Measuring over the whole period rather than the refresh step alone (Martens & Grosse's
-//! one-step ratio) matters with momentum and `freq > 1`: a damping too small shows up as
-//! momentum-driven steps that leave the quadratic model's region over the following steps, while
-//! the refresh step alone still looks fine. The ratio is read at the refresh (one scalar); no
-//! step between refreshes reads anything.
+//! `q(Delta) = sum_params <g_s, Delta> + sum_layers Delta^T F_s Delta / 2`
+//!
+//! with every parameter's gradient in the linear term (BatchNorm's too: they move as well) and
+//! each preconditioned layer's Fisher exactly as its preconditioner inverts it (the kept rows with
+//! their weights for SNGD, KIS and KID, `G kron A` for K-FAC), damping excluded. Right before step
+//! `s + T` the training loop evaluates the loss of `B_s` at the current weights and hands it, with
+//! the loss it had at step `s`, to [`NaturalGradient::observe_loss_change`]. Step `s + T` then
+//! reads `[L_before, L_after, q]` (one read of three numbers) and:
+//!
+//! - rejects the period when the loss grew by [`REJECT_GROWTH`] times or more or is not finite:
+//!   every float of the model and the momentum go back to their values at `s`, the damping is
+//!   raised by [`REJECT_RAISE`], the step's update and refresh are skipped and the next step
+//!   refreshes the curvature at the restored weights (a blow-up is not trained on);
+//! - leaves lambda alone when `q >= -epsilon` (the model predicts no decrease: its ratio says
+//!   nothing);
+//! - otherwise applies [`levenberg_marquardt`] with `omega^T`.
+//!
+//! Measuring over the whole period rather than one step matters with momentum and `T > 1`: a
+//! damping too small shows up as momentum-driven steps that leave the model's region over the
+//! following steps, while the inversion step alone still looks fine. No step between inversions
+//! reads anything.
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -27,40 +40,126 @@ use super::{Curvature, NaturalGradient};
 use crate::host;
 use crate::schedule::levenberg_marquardt;
 
-/// The weights and biases of the preconditioned layers, by parameter id.
-struct LayerParams<'a, I: Backend> {
-    ids: &'a [ParamId],
-    values: GradientsParams,
-    _backend: std::marker::PhantomData<I>,
+/// A period whose loss on the refresh batch grew by this factor over the period, or ended this
+/// many times above the first period's loss (a slower blow-up), or became non-finite, is
+/// rejected: the weights go back to the period's start.
+pub const REJECT_GROWTH: f64 = 10.0;
+
+/// Whether a period's loss change is a blow-up: `after` not finite, `REJECT_GROWTH` times
+/// `before` (losses below 1/100 of the first one count as that: tiny losses fluctuate by large
+/// factors), or `REJECT_GROWTH` times `first`, the first period's loss.
+pub fn blew_up(before: f64, after: f64, first: f64) -> bool {
+    let base = before.abs().max(first.abs() / 100.0);
+    !after.is_finite() || after > REJECT_GROWTH * base || after > REJECT_GROWTH * first.abs()
 }
 
-impl<'a, I: Backend> LayerParams<'a, I> {
-    fn new(ids: &'a [ParamId]) -> Self {
-        Self {
-            ids,
-            values: GradientsParams::new(),
-            _backend: std::marker::PhantomData,
-        }
-    }
+/// Factor by which a rejected period raises the damping.
+pub const REJECT_RAISE: f64 = 10.0;
+
+/// What adaptive damping keeps from an inversion step until the end of its period, by
+/// parameter id, flattened: every float of the model (parameters and BatchNorm statistics) at
+/// the start of the period, the momentum buffers then, and the step's gradients.
+#[derive(Clone)]
+pub(super) struct Period<I: Backend> {
+    /// Every float of the model at the start of the period.
+    pub params: BTreeMap<u64, Tensor<I, 1>>,
+    /// The momentum buffers at the start of the period.
+    pub momentum: BTreeMap<u64, Tensor<I, 1>>,
+    /// The gradients of the inversion step.
+    pub gradients: BTreeMap<u64, Tensor<I, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for LayerParams<'_, B::InnerBackend> {
+/// How the period that ends at this step was judged.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PeriodVerdict {
+    /// The damping was adapted (or left alone) from the reduction ratio.
+    Adapted {
+        /// Loss of the refresh batch at the period's start.
+        before: f64,
+        /// Loss of the same batch at its end.
+        after: f64,
+        /// The change the quadratic model predicted.
+        predicted: f64,
+    },
+    /// The loss blew up: weights and momentum were restored to the period's start and the
+    /// update of this step skipped.
+    Rejected {
+        /// Loss of the refresh batch at the period's start.
+        before: f64,
+        /// Loss of the same batch at its end.
+        after: f64,
+    },
+}
+
+/// Every float of a module and its gradient in `grads`, flattened, by parameter id.
+struct Floats<'a, I: Backend> {
+    grads: &'a GradientsParams,
+    values: BTreeMap<u64, Tensor<I, 1>>,
+    gradients: BTreeMap<u64, Tensor<I, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Floats<'_, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.ids.contains(&param.id) {
-            self.values
-                .register::<B::InnerBackend, D>(param.id, param.val().inner());
+        let value = param.val().inner();
+        let numel = value.shape().num_elements();
+        self.values.insert(param.id.val(), value.reshape([numel]));
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.gradients.insert(param.id.val(), g.reshape([numel]));
         }
     }
 }
 
-/// `delta^T F delta` of one layer's curvature for a step `delta` `[d_out, d_in']`.
+/// `q(Delta)`'s parts from the module at the end of a period: the linear term over every
+/// parameter with a gradient, and the steps `Delta` (in the parameters' own shapes) for the
+/// quadratic term.
+struct PeriodEnd<'a, I: Backend> {
+    period: &'a Period<I>,
+    linear: Vec<Tensor<I, 1>>,
+    deltas: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for PeriodEnd<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let id = param.id.val();
+        let (Some(start), Some(gradient)) =
+            (self.period.params.get(&id), self.period.gradients.get(&id))
+        else {
+            return;
+        };
+        let now = param.val().inner();
+        let dims = now.dims();
+        let delta = now.reshape([start.dims()[0]]) - start.clone();
+        self.linear.push((gradient.clone() * delta.clone()).sum());
+        self.deltas
+            .register::<B::InnerBackend, D>(param.id, delta.reshape(dims));
+    }
+}
+
+/// Puts every float of a module back to its value in `values` (a rejected period).
+struct Restore<'a, I: Backend> {
+    values: &'a BTreeMap<u64, Tensor<I, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Restore<'_, B::InnerBackend> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(saved) = self.values.get(&id.val()) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let require_grad = tensor.is_require_grad();
+        let mut restored = Tensor::from_inner(saved.clone().reshape(tensor.dims()));
+        if require_grad {
+            restored = restored.require_grad();
+        }
+        Param::from_mapped_value(id, restored, mapper)
+    }
+}
+
+/// `delta^T F delta` of one layer's curvature for a step `delta` `[d_out, d_in']` (damping
+/// excluded), as the layer's preconditioner sees it.
 fn quadratic<B: Backend>(curvature: &Curvature<B>, delta: Tensor<B, 2>) -> Tensor<B, 1> {
     match curvature {
-        Curvature::LowRank(state) => match &state.rows {
-            // F = (1/n) J^T J over the kept rows.
-            Some(rows) => rows.apply(delta).powi_scalar(2).sum() / rows.len().max(1) as f64,
-            None => Tensor::zeros([1], &delta.device()),
-        },
+        Curvature::LowRank(state) => state.quadratic(delta),
         // (G kron A) vec(delta) = vec(G delta A) (both factors symmetric).
         Curvature::Kfac(state) => {
             let product = state
@@ -73,125 +172,157 @@ fn quadratic<B: Backend>(curvature: &Curvature<B>, delta: Tensor<B, 2>) -> Tenso
     }
 }
 
-/// What adaptive damping keeps from a refresh step until the end of its period: for each
-/// preconditioned layer (by weight id), its parameters before the refresh step's update and its
-/// gradient at that step, both as `[d_out, d_in']` matrices.
-#[derive(Clone)]
-pub(super) struct Period<I: Backend> {
-    /// Parameters at the start of the period.
-    pub start: Vec<(u64, Tensor<I, 2>)>,
-    /// Gradients of the refresh step.
-    pub gradients: Vec<(u64, Tensor<I, 2>)>,
-}
-
 impl<B: AutodiffBackend> NaturalGradient<B> {
     /// Whether the damping adapts to the reduction ratio.
     pub fn adapts_damping(&self) -> bool {
         self.config.damping.adaptive
     }
 
-    /// Adaptive damping: whether the next step refreshes and the period since the last refresh
-    /// awaits its loss change. The training loop then evaluates the last refresh batch at the
-    /// current weights and calls [`NaturalGradient::observe_loss_change`] before that step.
+    /// Adaptive damping: whether the next step ends a period that awaits its loss change. The
+    /// training loop then evaluates the batch of the period's first step at the current weights
+    /// and calls [`NaturalGradient::observe_loss_change`] before that step.
     pub fn wants_loss_change(&self) -> bool {
-        self.period.is_some() && self.is_curvature_step(self.step)
+        self.period.is_some() && self.loss_change.is_none() && self.is_inversion_step(self.step)
     }
 
-    /// Reports the loss of the last refresh step's batch at that step (`before`: the loss the
-    /// step was computed from) and at the current weights of `model` (`after`: the same batch,
-    /// curvature capture off), for adaptive damping; ignored when no period is pending. Pass
-    /// detached values; nothing is read from the device here.
+    /// Reports the loss of the period's first batch at that step (`before`: the loss the step
+    /// was computed from) and at the current weights of `model` (`after`: the same batch,
+    /// curvature capture off, BatchNorm statistics untouched), for adaptive damping; ignored
+    /// unless [`NaturalGradient::wants_loss_change`]. Pass detached values; nothing is read from
+    /// the device here (the next step reads the three numbers it decides on).
     pub fn observe_loss_change<M: AutodiffModule<B>>(
         &mut self,
         model: &M,
         before: Tensor<B::InnerBackend, 1>,
         after: Tensor<B::InnerBackend, 1>,
     ) {
-        if let Some(period) = self.period.take() {
-            if let Some(predicted) = self.predicted_change(period, model) {
-                self.reduction_ratio = Some((after - before) / predicted);
+        if !self.wants_loss_change() {
+            return;
+        }
+        let Some(period) = &self.period else {
+            return;
+        };
+        let mut end = PeriodEnd {
+            period,
+            linear: Vec::new(),
+            deltas: GradientsParams::new(),
+        };
+        model.visit(&mut end);
+        let PeriodEnd { linear, deltas, .. } = end;
+        let mut terms = linear;
+        for layer in self.ordered_layers() {
+            if let Some(delta) = layer.meta.gradient::<B::InnerBackend>(&deltas) {
+                terms.push(quadratic(&layer.curvature, delta) / 2.0);
             }
         }
-    }
-
-    /// The damping for the refresh about to happen: the schedule's value, or the adaptive
-    /// rule's (which reads the last reduction ratio: one scalar).
-    pub(super) fn advance_damping(&mut self) {
-        let config = &self.config.damping;
-        if config.adaptive {
-            if let Some(rho) = self.reduction_ratio.take() {
-                // Every rank applies the same damping: the mean of the ranks' ratios. They share
-                // the loss change, weights, gradients and curvature, so the ratios agree up to
-                // rounding; the mean makes the damping identical even then. A NaN anywhere makes
-                // the mean NaN: a bad step on all.
-                let mut rho = [host::read_scalar(rho) as f32];
-                self.comm.all_reduce_sum(&mut rho);
-                let rho = f64::from(rho[0]) / self.comm.size() as f64;
-                self.damping =
-                    levenberg_marquardt(self.damping, rho, config.omega, config.min, config.max);
-                tracing::debug!(rho, damping = self.damping, "adaptive damping");
-            }
+        let device = before.device();
+        // Summed in the model's parameter order (a fixed order: reproducible, and the same on
+        // every rank).
+        let predicted = if terms.is_empty() {
+            Tensor::zeros([1], &device)
         } else {
-            self.damping = config.value_after(self.refreshes);
-        }
-        self.refreshes += 1;
+            Tensor::cat(terms, 0).sum_dim(0)
+        };
+        self.loss_change = Some(Tensor::cat(
+            vec![before.reshape([1]), after.reshape([1]), predicted],
+            0,
+        ));
     }
 
-    /// Starts a period at a refresh step: the preconditioned layers' parameters in `module`
-    /// (before the update) and their gradients in `grads`.
+    /// Whether step `step` inverts the curvature (the damping is set there): every refresh for
+    /// SNGD and HyLo, every `inverse_every` steps for K-FAC, and the step after a rejected period.
+    pub fn is_inversion_step(&self, step: usize) -> bool {
+        let every = match &self.method {
+            super::Method::Kfac { inverse_every, .. } => *inverse_every,
+            _ => self.config.freq,
+        };
+        step.is_multiple_of(every) || (self.force_refresh && step == self.step)
+    }
+
+    /// Judges the period that ends at this step, if its loss change was observed (one read of
+    /// three numbers, averaged over the workers so that they all decide alike): adapts the
+    /// damping, or rejects the period. The period ends here either way.
+    pub(super) fn end_period(&mut self) -> Option<PeriodVerdict> {
+        let change = self.loss_change.take()?;
+        let mut values: Vec<f32> = host::read_f32(change);
+        self.comm.all_reduce_sum(&mut values);
+        let workers = self.comm.size() as f64;
+        let [before, after, predicted] = [0, 1, 2].map(|i| f64::from(values[i]) / workers);
+        let first = *self.first_loss.get_or_insert(before);
+        if blew_up(before, after, first) {
+            self.damping = (self.damping * REJECT_RAISE).min(self.config.damping.max);
+            tracing::warn!(
+                before,
+                after,
+                first,
+                damping = self.damping,
+                "adaptive damping: the loss of the refresh batch blew up over the period; weights \
+                 restored to its start and the damping raised"
+            );
+            return Some(PeriodVerdict::Rejected { before, after });
+        }
+        let config = &self.config.damping;
+        self.period = None;
+        // Martens & Grosse's omega = (19/20)^T1 for an adjustment every T1 steps.
+        let steps = match &self.method {
+            super::Method::Kfac { inverse_every, .. } => *inverse_every,
+            _ => self.config.freq,
+        };
+        let omega = config.omega.powi(steps as i32);
+        self.damping = levenberg_marquardt(
+            self.damping,
+            after - before,
+            predicted,
+            before,
+            omega,
+            config.min,
+            config.max,
+        );
+        tracing::debug!(
+            before,
+            after,
+            predicted,
+            damping = self.damping,
+            "adaptive damping"
+        );
+        Some(PeriodVerdict::Adapted {
+            before,
+            after,
+            predicted,
+        })
+    }
+
+    /// Undoes the period that was just rejected: every float of `module` and the momentum go
+    /// back to the period's start; the next step refreshes the curvature.
+    pub(super) fn restore_period<M: AutodiffModule<B>>(&mut self, module: M) -> M {
+        let Some(period) = self.period.take() else {
+            return module;
+        };
+        self.momentum = period.momentum;
+        self.stateful.clear();
+        self.force_refresh = true;
+        module.map(&mut Restore {
+            values: &period.params,
+        })
+    }
+
+    /// Starts a period at an inversion step: every float of `module` (before the update), the
+    /// momentum buffers and the gradients in `grads` (before preconditioning).
     pub(super) fn start_period<M: AutodiffModule<B>>(
         &mut self,
         module: &M,
         grads: &GradientsParams,
     ) {
-        let start = self.layer_matrices(module);
-        let gradients = self
-            .ordered_layers()
-            .filter_map(|l| Some((l.meta.weight_id.val(), l.meta.gradient(grads)?)))
-            .collect();
-        self.period = Some(Period { start, gradients });
-    }
-
-    /// Each preconditioned layer's weight and bias in `module`, as `[d_out, d_in']`.
-    fn layer_matrices<M: AutodiffModule<B>>(
-        &self,
-        module: &M,
-    ) -> Vec<(u64, Tensor<B::InnerBackend, 2>)> {
-        let ids: Vec<ParamId> = self
-            .layers
-            .values()
-            .flat_map(|l| std::iter::once(l.meta.weight_id).chain(l.meta.bias_id))
-            .collect();
-        let mut params = LayerParams::<B::InnerBackend>::new(&ids);
-        module.visit(&mut params);
-        self.layers
-            .values()
-            .filter_map(|l| Some((l.meta.weight_id.val(), l.meta.gradient(&params.values)?)))
-            .collect()
-    }
-
-    /// `q(Delta)` of the move from the period's start to the parameters of `updated`, with each
-    /// layer's current curvature and the period's gradients.
-    fn predicted_change<M: AutodiffModule<B>>(
-        &self,
-        period: Period<B::InnerBackend>,
-        updated: &M,
-    ) -> Option<Tensor<B::InnerBackend, 1>> {
-        let now: std::collections::HashMap<u64, Tensor<B::InnerBackend, 2>> =
-            self.layer_matrices(updated).into_iter().collect();
-        let start: std::collections::HashMap<u64, Tensor<B::InnerBackend, 2>> =
-            period.start.into_iter().collect();
-        let mut terms = Vec::new();
-        for (id, g) in period.gradients {
-            let (Some(now), Some(start), Some(layer)) =
-                (now.get(&id), start.get(&id), self.layers.get(&id))
-            else {
-                continue;
-            };
-            let delta = now.clone() - start.clone();
-            let linear = (g * delta.clone()).sum();
-            terms.push(linear + quadratic(&layer.curvature, delta) / 2.0);
-        }
-        (!terms.is_empty()).then(|| Tensor::cat(terms, 0).sum())
+        let mut floats = Floats {
+            grads,
+            values: BTreeMap::new(),
+            gradients: BTreeMap::new(),
+        };
+        module.visit(&mut floats);
+        self.period = Some(Period {
+            params: floats.values,
+            momentum: self.momentum.clone(),
+            gradients: floats.gradients,
+        });
     }
 }

@@ -19,7 +19,7 @@ use crate::comm::{assign_owners, CommBytes, Communicator, Counted};
 use crate::factors::per_sample_rows;
 use crate::host;
 use crate::linalg;
-use crate::precond::{kid, kis, sngd, LowRankState};
+use crate::precond::{kid, kis, sngd, FisherWeights, LowRankState};
 use crate::rows::PerSampleRows;
 
 /// How a worker compresses its local rows before the all-gather.
@@ -231,11 +231,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 continue;
             };
             let n = rows.len();
-            let shift = match compression {
-                // KIS: n := r per worker (ALGORITHMS.md), whatever number of rows had weight.
-                Compression::Full | Compression::Kis { .. } => (local.r * workers) as f64 * damping,
-                Compression::Kid { .. } => (local.b * workers) as f64 * damping,
+            // The sample count of the shift `count * lambda`. KIS: n := r per worker
+            // (ALGORITHMS.md), whatever number of rows had weight.
+            let count = match compression {
+                Compression::Full | Compression::Kis { .. } => local.r * workers,
+                Compression::Kid { .. } => local.b * workers,
             };
+            let shift = count as f64 * damping;
             let mut m: Option<Mat<f64>> = None;
             if owner == rank {
                 let kernel = linalg::to_host(rows.kernel());
@@ -249,6 +251,15 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 }
             }
             let device = rows.device();
+            let fisher = match (&gathered.s, compression) {
+                (Some(s), Compression::Kid { .. }) => {
+                    FisherWeights::Matrix(linalg::to_device::<B::InnerBackend>(
+                        Mat::from_fn(n, n, |i, j| s[(i, j)] * damping).as_ref(),
+                        &device,
+                    ))
+                }
+                _ => FisherWeights::Mean(count),
+            };
             let m = if workers == 1 {
                 m.map(|m| linalg::to_device::<B::InnerBackend>(m.as_ref(), &device))
             } else {
@@ -274,6 +285,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                     m: Some(m),
                     rows: Some(rows),
                     damping,
+                    fisher,
                 });
             }
         }

@@ -31,6 +31,7 @@
 
 mod config;
 mod damping;
+mod graft;
 mod guard;
 mod kfac_refresh;
 mod layer_grad;
@@ -49,8 +50,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 pub use config::{CurvatureConfig, HyloConfig, KfacConfig, Method, SngdConfig};
+pub use damping::{blew_up, PeriodVerdict, REJECT_GROWTH, REJECT_RAISE};
+pub use graft::Graft;
 pub use layer_grad::LayerMeta;
-pub use record::NaturalGradientRecord;
+pub use record::{NaturalGradientRecord, RECORD_FORMAT};
 pub use report::StepReport;
 
 use crate::capture::CaptureHandle;
@@ -105,10 +108,21 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     names: Arc<HashMap<ParamId, String>>,
     comm: Arc<dyn Communicator>,
     observer: Option<ReportObserver>,
-    /// Adaptive damping: the refresh period under way.
+    /// Adaptive damping: the period under way.
     period: Option<damping::Period<B::InnerBackend>>,
-    /// Adaptive damping: the reduction ratio of the last refresh step, read at the next refresh.
-    reduction_ratio: Option<Tensor<B::InnerBackend, 1>>,
+    /// Adaptive damping: `[loss before, loss after, predicted change]` of the period that ends
+    /// at the next step, read there.
+    loss_change: Option<Tensor<B::InnerBackend, 1>>,
+    /// The next step refreshes (and inverts) the curvature whatever the schedule: it follows a
+    /// rejected period.
+    force_refresh: bool,
+    /// Periods rejected so far (adaptive damping).
+    rejected_periods: usize,
+    /// Periods rejected in a row.
+    consecutive_rejections: usize,
+    /// Adaptive damping: the loss of the first judged period's batch at its start (the
+    /// reference of a slow blow-up).
+    first_loss: Option<f64>,
 }
 
 /// Called with every step's report (see [`NaturalGradient::with_report_observer`]).
@@ -142,7 +156,11 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             comm: Arc::new(Single),
             observer: None,
             period: None,
-            reduction_ratio: None,
+            loss_change: None,
+            force_refresh: false,
+            rejected_periods: 0,
+            consecutive_rejections: 0,
+            first_loss: None,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
@@ -194,6 +212,20 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.report.resolve()
     }
 
+    /// The parts of the last step's report known without reading the device: whether it
+    /// refreshed the curvature, the bytes moved, the damping, the mode and the period verdict
+    /// (`skipped`, `fallbacks`, `non_finite` and `kl_scale` are left at their defaults: they
+    /// need [`NaturalGradient::last_report`]).
+    pub fn last_known(&self) -> &StepReport {
+        &self.report.known
+    }
+
+    /// Periods rejected in a row by adaptive damping up to the last step (reset by a period
+    /// that is judged and kept).
+    pub fn consecutive_rejections(&self) -> usize {
+        self.consecutive_rejections
+    }
+
     /// `(skipped steps, consecutive skipped steps up to the last one)`; one blocking read.
     pub fn skipped_steps(&self) -> (u64, u64) {
         match &self.skips {
@@ -215,9 +247,16 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.order.iter().filter_map(|id| self.layers.get(id))
     }
 
-    /// Whether step `step` captures curvature.
+    /// Whether step `step` captures curvature: every `freq` steps, and the step after a
+    /// rejected period.
     pub fn is_curvature_step(&self, step: usize) -> bool {
-        step.is_multiple_of(self.config.freq)
+        step.is_multiple_of(self.config.freq) || (self.force_refresh && step == self.step)
+    }
+
+    /// Periods rejected by adaptive damping so far (their loss blew up; see
+    /// [`PeriodVerdict::Rejected`]).
+    pub fn rejected_periods(&self) -> usize {
+        self.rejected_periods
     }
 
     fn name_of(&self, id: &ParamId) -> String {
@@ -249,6 +288,29 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             step: self.step,
             ..StepReport::default()
         };
+        // Adaptive damping: the period that ends here sets the damping this step's inversion
+        // uses, or is rejected (its loss blew up): then the weights and momentum go back to its
+        // start, and this step, computed at the blown-up weights, changes nothing else.
+        known.period = self.end_period();
+        if let Some(PeriodVerdict::Adapted { .. }) = known.period {
+            self.consecutive_rejections = 0;
+        }
+        if let Some(PeriodVerdict::Rejected { .. }) = known.period {
+            self.rejected_periods += 1;
+            self.consecutive_rejections += 1;
+            let module = self.restore_period(module);
+            known.damping = self.damping;
+            known.mode = self.mode;
+            self.report = PendingReport::known(known);
+            if let Some(observer) = &self.observer {
+                observer(self.report.resolve());
+            }
+            self.step += 1;
+            self.capture.arm(true);
+            return module;
+        }
+        let inversion = self.is_inversion_step(self.step);
+        self.force_refresh = false;
         // A refresh reads its matrices from the device anyway: it also reads the gradient flag,
         // and does not refresh from a batch whose gradients hold NaN or Inf (the step is skipped
         // and leaves no trace, in the curvature either).
@@ -263,7 +325,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             );
         } else if !captures.is_empty() {
             known.refreshed = true;
-            let (failures, bytes) = self.refresh(captures, &grads);
+            let (failures, bytes) = self.refresh(captures, &grads, inversion);
             known.comm = bytes;
             for (id, reason) in failures {
                 let name = self.name_of(&id);
@@ -283,9 +345,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             .map(|id| id.val())
             .filter(|id| self.layers.contains_key(id))
             .collect();
-        // Adaptive damping: a refresh starts a period (the gradients and the weights of the
-        // preconditioned layers before its update).
-        if known.refreshed && self.config.damping.adaptive {
+        // Burn's RunningState (BatchNorm statistics) keeps the forward pass's update pending until
+        // it is synchronised: a record synchronises it, so the visitors and the mapper below see
+        // the updated value.
+        let _ = module.clone().into_record();
+        // Adaptive damping: an inversion starts a period (every float of the model and the
+        // gradients before the update).
+        if known.refreshed && inversion && self.config.damping.adaptive {
             self.start_period(&module, &grads);
         }
         let Preconditioned {
@@ -294,9 +360,6 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             kl_scale,
         } = self.precondition(lr, &mut grads);
 
-        // Burn's RunningState (BatchNorm statistics) keeps the forward pass's update pending until
-        // it is synchronised: a record synchronises it, so the mapper sees the updated value.
-        let _ = module.clone().into_record();
         let mut mapper = MomentumUpdate::<B> {
             directions: &mut grads,
             buffers: &mut self.momentum,
@@ -351,10 +414,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             let vg = ordered_sum(v.clone() * ghat.clone());
             let finite = vg.clone().is_finite();
             let identity = ghat.clone() / self.damping;
-            let identity_vg = ordered_sum(ghat.powi_scalar(2)) / self.damping;
             let v = guard::choose(&finite, v, identity);
-            let effective_vg = guard::choose(&finite, vg.clone(), identity_vg);
-            directions.push((layer.meta.clone(), v, vg, effective_vg));
+            let v = self.config.graft.apply(v, &ghat);
+            // <v, g> of the direction applied, for the KL clip.
+            let applied_vg = self
+                .config
+                .kl_clip
+                .map(|_| ordered_sum(v.clone() * ghat.clone()));
+            directions.push((layer.meta.clone(), v, vg, applied_vg));
         }
         if directions.is_empty() {
             return Preconditioned {
@@ -364,7 +431,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             };
         }
         let kl_scale = self.config.kl_clip.map(|kappa| {
-            let total = Tensor::cat(directions.iter().map(|d| d.3.clone()).collect(), 0)
+            let total = Tensor::cat(directions.iter().filter_map(|d| d.3.clone()).collect(), 0)
                 .sum_dim(0)
                 .abs();
             // min(1, sqrt(kappa / (lr^2 sum <v, g>))); a zero sum gives +inf, clamped to 1.

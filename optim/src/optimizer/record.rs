@@ -1,6 +1,8 @@
 //! The optimizer's whole state as a Burn `Record`: step counters, damping, momentum buffers and
 //! every layer's curvature, so that a save and reload gives the same next step bit for bit.
 
+use std::collections::BTreeMap;
+
 use burn::module::ParamId;
 use burn::record::Record;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -9,12 +11,19 @@ use burn::tensor::Tensor;
 use super::damping::Period;
 use super::{Curvature, LayerMeta, LayerState, NaturalGradient};
 use crate::capture::LayerGeometry;
-use crate::precond::{HyloMode, KfacState, LowRankState};
+use crate::precond::{FisherWeights, HyloMode, KfacState, LowRankState};
 use crate::rows::PerSampleRows;
+
+/// Layout version of [`NaturalGradientRecord`]; a record of another version is refused. Version
+/// 2 (hylo-optim 0.2) added the Fisher weights of low-rank states and adaptive damping's period
+/// snapshot; records of 0.1 cannot be read by 0.2 (the recorder fails on them).
+pub const RECORD_FORMAT: u32 = 2;
 
 /// Saved state of a [`NaturalGradient`] optimizer.
 #[derive(Record)]
 pub struct NaturalGradientRecord<B: Backend> {
+    /// [`RECORD_FORMAT`] of the code that wrote it.
+    pub format: u32,
     /// Steps taken.
     pub step: usize,
     /// Curvature refreshes done (drives the damping schedule).
@@ -26,40 +35,41 @@ pub struct NaturalGradientRecord<B: Backend> {
     /// HyLo mode at the last refresh: 0 = KID, 1 = KIS.
     pub mode: Option<u8>,
     /// Momentum buffers, flattened.
-    pub momentum: Vec<MomentumRecord<B>>,
+    pub momentum: Vec<ParamRecord<B>>,
     /// Preconditioned layers.
     pub layers: Vec<LayerRecord<B>>,
-    /// Adaptive damping: the refresh period under way (none in earlier versions' records).
+    /// Adaptive damping: the period under way.
     pub period: Option<PeriodRecord<B>>,
-    /// Adaptive damping: the reduction ratio awaiting the next refresh.
-    pub reduction_ratio: Option<f64>,
+    /// Adaptive damping: `[loss before, loss after, predicted change]` awaiting the next step.
+    pub loss_change: Option<Tensor<B, 1>>,
+    /// The next step refreshes whatever the schedule (after a rejected period).
+    pub force_refresh: bool,
+    /// Periods rejected so far.
+    pub rejected_periods: usize,
+    /// Periods rejected in a row.
+    pub consecutive_rejections: usize,
+    /// The first judged period's loss (reference of a slow blow-up).
+    pub first_loss: Option<f64>,
 }
 
-/// The refresh period under way (adaptive damping).
+/// The period under way (adaptive damping), by parameter id, flattened.
 #[derive(Record)]
 pub struct PeriodRecord<B: Backend> {
-    /// Each preconditioned layer's parameters at the period's start.
-    pub start: Vec<LayerMatrixRecord<B>>,
-    /// Each preconditioned layer's gradient at the refresh step.
-    pub gradients: Vec<LayerMatrixRecord<B>>,
+    /// Every float of the model at the period's start.
+    pub params: Vec<ParamRecord<B>>,
+    /// The momentum buffers at the period's start.
+    pub momentum: Vec<ParamRecord<B>>,
+    /// The gradients of the period's first step.
+    pub gradients: Vec<ParamRecord<B>>,
 }
 
-/// One layer's `[d_out, d_in']` matrix.
+/// One flattened tensor of a parameter.
 #[derive(Record)]
-pub struct LayerMatrixRecord<B: Backend> {
-    /// Weight parameter id.
-    pub weight_id: u64,
-    /// The matrix.
-    pub matrix: Tensor<B, 2>,
-}
-
-/// One momentum buffer.
-#[derive(Record)]
-pub struct MomentumRecord<B: Backend> {
+pub struct ParamRecord<B: Backend> {
     /// Parameter id.
     pub id: u64,
-    /// Flattened buffer.
-    pub buffer: Tensor<B, 1>,
+    /// The values.
+    pub values: Tensor<B, 1>,
 }
 
 /// One preconditioned layer.
@@ -73,17 +83,19 @@ pub struct LayerRecord<B: Backend> {
     pub geometry: Vec<usize>,
     /// 1 low-rank Kronecker rows, 2 low-rank dense rows, 3 low-rank without rows (damped
     /// identity), 4 K-FAC (factors and eigendecompositions), 5 K-FAC (factors and damped
-    /// inverses); 0 (no curvature) is read from earlier versions' records.
+    /// inverses).
     pub kind: u8,
     /// Damping of a low-rank state.
     pub damping: f64,
     /// Rows of each dense per-sample gradient (kind 2).
     pub d_out: usize,
+    /// Low-rank states: the sample count of a mean Fisher (`FisherWeights::Mean`), or 0 when
+    /// the last tensor is the Fisher's weight matrix.
+    pub fisher_count: usize,
     /// The state's tensors, in the order of its kind.
     pub tensors: Vec<Tensor<B, 2>>,
 }
 
-const KIND_EMPTY: u8 = 0;
 const KIND_KRONECKER: u8 = 1;
 const KIND_DENSE: u8 = 2;
 const KIND_IDENTITY: u8 = 3;
@@ -141,7 +153,7 @@ pub(super) fn to_record<B: AutodiffBackend>(
         .layers
         .values()
         .map(|layer| {
-            let (kind, damping, d_out, tensors) = match &layer.curvature {
+            let (kind, damping, d_out, mut tensors) = match &layer.curvature {
                 Curvature::LowRank(state) => match (&state.rows, &state.m) {
                     (Some(PerSampleRows::Kronecker { a, g }), Some(m)) => (
                         KIND_KRONECKER,
@@ -170,6 +182,16 @@ pub(super) fn to_record<B: AutodiffBackend>(
                     }
                 }
             };
+            let fisher_count = match &layer.curvature {
+                Curvature::LowRank(state) if kind != KIND_IDENTITY => match &state.fisher {
+                    FisherWeights::Mean(count) => *count,
+                    FisherWeights::Matrix(w) => {
+                        tensors.push(out::<B>(w));
+                        0
+                    }
+                },
+                _ => 1,
+            };
             LayerRecord {
                 weight_id: layer.meta.weight_id.val(),
                 bias_id: layer.meta.bias_id.map(|id| id.val()),
@@ -177,11 +199,13 @@ pub(super) fn to_record<B: AutodiffBackend>(
                 kind,
                 damping,
                 d_out,
+                fisher_count,
                 tensors,
             }
         })
         .collect();
     NaturalGradientRecord {
+        format: RECORD_FORMAT,
         step: optim.step,
         refreshes: optim.refreshes,
         damping: optim.damping,
@@ -190,38 +214,54 @@ pub(super) fn to_record<B: AutodiffBackend>(
             HyloMode::Kid => 0,
             HyloMode::Kis => 1,
         }),
-        momentum: optim
-            .momentum
-            .iter()
-            .map(|(id, buf)| MomentumRecord {
-                id: *id,
-                buffer: Tensor::from_inner(buf.clone()),
-            })
-            .collect(),
+        momentum: params_to_record(&optim.momentum),
         layers,
-        period: optim.period.as_ref().map(|p| {
-            let matrices = |v: &[(u64, Tensor<B::InnerBackend, 2>)]| {
-                v.iter()
-                    .map(|(id, m)| LayerMatrixRecord {
-                        weight_id: *id,
-                        matrix: out::<B>(m),
-                    })
-                    .collect()
-            };
-            PeriodRecord {
-                start: matrices(&p.start),
-                gradients: matrices(&p.gradients),
-            }
+        period: optim.period.as_ref().map(|p| PeriodRecord {
+            params: params_to_record(&p.params),
+            momentum: params_to_record(&p.momentum),
+            gradients: params_to_record(&p.gradients),
         }),
-        // Saving reads the pending ratio (one scalar).
-        reduction_ratio: optim.reduction_ratio.clone().map(crate::host::read_scalar),
+        loss_change: optim.loss_change.clone().map(Tensor::from_inner),
+        force_refresh: optim.force_refresh,
+        rejected_periods: optim.rejected_periods,
+        consecutive_rejections: optim.consecutive_rejections,
+        first_loss: optim.first_loss,
     }
+}
+
+fn params_to_record<B: AutodiffBackend>(
+    values: &BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
+) -> Vec<ParamRecord<B>> {
+    values
+        .iter()
+        .map(|(id, v)| ParamRecord {
+            id: *id,
+            values: Tensor::from_inner(v.clone()),
+        })
+        .collect()
+}
+
+fn params_from_record<B: AutodiffBackend>(
+    records: Vec<ParamRecord<B>>,
+) -> BTreeMap<u64, Tensor<B::InnerBackend, 1>> {
+    records
+        .into_iter()
+        .map(|r| (r.id, r.values.inner()))
+        .collect()
 }
 
 pub(super) fn load_record<B: AutodiffBackend>(
     mut optim: NaturalGradient<B>,
     record: NaturalGradientRecord<B>,
 ) -> NaturalGradient<B> {
+    if record.format != RECORD_FORMAT {
+        tracing::error!(
+            format = record.format,
+            expected = RECORD_FORMAT,
+            "optimizer record of another layout version: ignored, the optimizer starts afresh"
+        );
+        return optim;
+    }
     optim.step = record.step;
     optim.refreshes = record.refreshes;
     optim.damping = record.damping;
@@ -229,11 +269,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
     optim.mode = record
         .mode
         .map(|m| if m == 0 { HyloMode::Kid } else { HyloMode::Kis });
-    optim.momentum = record
-        .momentum
-        .into_iter()
-        .map(|m| (m.id, m.buffer.inner()))
-        .collect();
+    optim.momentum = params_from_record(record.momentum);
     optim.layers.clear();
     for layer in record.layers {
         let Some(geometry) = decode_geometry(&layer.geometry) else {
@@ -245,8 +281,13 @@ pub(super) fn load_record<B: AutodiffBackend>(
         };
         let mut t: Vec<Tensor<B::InnerBackend, 2>> =
             layer.tensors.into_iter().map(Tensor::inner).collect();
-        let curvature = match (layer.kind, t.len()) {
-            (KIND_KRONECKER, 3) => {
+        let fisher = if layer.fisher_count == 0 {
+            t.pop().map(FisherWeights::Matrix)
+        } else {
+            Some(FisherWeights::Mean(layer.fisher_count))
+        };
+        let curvature = match (layer.kind, t.len(), fisher) {
+            (KIND_KRONECKER, 3, Some(fisher)) => {
                 let m = t.pop();
                 let g = t.pop().expect("length checked");
                 let a = t.pop().expect("length checked");
@@ -254,9 +295,10 @@ pub(super) fn load_record<B: AutodiffBackend>(
                     rows: Some(PerSampleRows::Kronecker { a, g }),
                     m,
                     damping: layer.damping,
+                    fisher,
                 })
             }
-            (KIND_DENSE, 2) => {
+            (KIND_DENSE, 2, Some(fisher)) => {
                 let m = t.pop();
                 let j = t.pop().expect("length checked");
                 Curvature::LowRank(LowRankState {
@@ -266,12 +308,11 @@ pub(super) fn load_record<B: AutodiffBackend>(
                     }),
                     m,
                     damping: layer.damping,
+                    fisher,
                 })
             }
-            (KIND_IDENTITY, 0) => Curvature::LowRank(LowRankState::identity(layer.damping)),
-            // Written by earlier versions for a layer whose refresh had failed.
-            (KIND_EMPTY, 0) => Curvature::LowRank(LowRankState::identity(record.damping)),
-            (KIND_KFAC, 2 | 6) => {
+            (KIND_IDENTITY, 0, _) => Curvature::LowRank(LowRankState::identity(layer.damping)),
+            (KIND_KFAC, 2 | 6, _) => {
                 let mut it = t.into_iter();
                 let a_factor = it.next().expect("length checked");
                 let g_factor = it.next().expect("length checked");
@@ -284,7 +325,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
                 }
                 Curvature::Kfac(state)
             }
-            (KIND_KFAC_INVERSE, 4) => {
+            (KIND_KFAC_INVERSE, 4, _) => {
                 let mut it = t.into_iter();
                 let (a_factor, g_factor, a_inv, g_inv) = (
                     it.next().expect("length checked"),
@@ -296,7 +337,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
                 state.inverses = Some((a_inv, g_inv, layer.damping));
                 Curvature::Kfac(state)
             }
-            (kind, count) => {
+            (kind, count, _) => {
                 tracing::warn!(
                     weight = layer.weight_id,
                     kind,
@@ -318,21 +359,16 @@ pub(super) fn load_record<B: AutodiffBackend>(
             },
         );
     }
-    let matrices = |v: Vec<LayerMatrixRecord<B>>| {
-        v.into_iter()
-            .map(|r| (r.weight_id, r.matrix.inner()))
-            .collect()
-    };
     optim.period = record.period.map(|p| Period {
-        start: matrices(p.start),
-        gradients: matrices(p.gradients),
+        params: params_from_record(p.params),
+        momentum: params_from_record(p.momentum),
+        gradients: params_from_record(p.gradients),
     });
-    // The ratio goes where the momentum buffers are (there are some once a step was taken).
-    let device = optim.momentum.values().next().map(|t| t.device());
-    optim.reduction_ratio = match (record.reduction_ratio, device) {
-        (Some(rho), Some(device)) => Some(Tensor::from_floats([rho as f32], &device)),
-        _ => None,
-    };
+    optim.loss_change = record.loss_change.map(Tensor::inner);
+    optim.force_refresh = record.force_refresh;
+    optim.rejected_periods = record.rejected_periods;
+    optim.consecutive_rejections = record.consecutive_rejections;
+    optim.first_loss = record.first_loss;
     let armed = optim.is_curvature_step(optim.step);
     optim.capture.arm(armed);
     optim

@@ -20,12 +20,14 @@ use crate::precond::{HyloMode, LowRankState};
 pub(super) type Failures = Vec<(ParamId, String)>;
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
-    /// Refreshes the captured layers; returns the layers whose refresh failed (they keep their
-    /// last good curvature) and the bytes moved between workers.
+    /// Refreshes the captured layers (K-FAC inverts its factors when `inversion`); returns the
+    /// layers whose refresh failed (they keep their last good curvature) and the bytes moved
+    /// between workers.
     pub(super) fn refresh(
         &mut self,
         captures: Vec<LayerCapture<B::InnerBackend>>,
         grads: &GradientsParams,
+        inversion: bool,
     ) -> (Failures, CommBytes) {
         for capture in &captures {
             let damping = self.damping;
@@ -59,17 +61,25 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 self.refresh_low_rank(&captures, compression, comm.as_ref())
             }
             Method::Kfac {
-                inverse_every,
                 factor_decay,
                 method,
+                ..
             } => {
-                let invert = self.step.is_multiple_of(inverse_every);
-                if invert {
+                if inversion {
                     self.advance_damping();
                 }
-                self.refresh_kfac(&captures, factor_decay, invert, method, comm.as_ref())
+                self.refresh_kfac(&captures, factor_decay, inversion, method, comm.as_ref())
             }
         }
+    }
+
+    /// The damping for the inversion about to happen: the schedule's value (adaptive damping
+    /// has already set it from the period that ended at this step).
+    fn advance_damping(&mut self) {
+        if !self.config.damping.adaptive {
+            self.damping = self.config.damping.value_after(self.refreshes);
+        }
+        self.refreshes += 1;
     }
 }
 

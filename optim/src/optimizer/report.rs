@@ -35,6 +35,8 @@ pub struct StepReport {
     pub kl_scale: Option<f64>,
     /// Bytes this worker moved for the curvature refresh (zero when not distributed).
     pub comm: CommBytes,
+    /// Adaptive damping: how the period that ended at this step was judged.
+    pub period: Option<super::PeriodVerdict>,
 }
 
 /// A report whose device-side parts are read on first use.

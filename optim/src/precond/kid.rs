@@ -9,7 +9,7 @@
 use burn::tensor::backend::Backend;
 use faer::Mat;
 
-use super::lowrank::LowRankState;
+use super::lowrank::{FisherWeights, LowRankState};
 use super::sngd;
 use crate::error::CurvatureError;
 use crate::linalg;
@@ -35,7 +35,7 @@ pub fn refresh<B: Backend>(
     if !linalg::all_finite(kernel.as_ref()) {
         return Err(CurvatureError::NonFinite { what: "kernel K" });
     }
-    let Some((skeleton, m)) = middle_matrix(&kernel, damping, rank)? else {
+    let Some(KidMiddle { skeleton, m, s }) = middle_matrix(&kernel, damping, rank)? else {
         return Ok(LowRankState::identity(damping));
     };
     let device = rows.device();
@@ -43,25 +43,41 @@ pub fn refresh<B: Backend>(
         m: Some(linalg::to_device(m.as_ref(), &device)),
         rows: Some(rows.select(&skeleton)),
         damping,
+        fisher: FisherWeights::Matrix(linalg::to_device(
+            Mat::from_fn(s.nrows(), s.ncols(), |i, j| s[(i, j)] * damping).as_ref(),
+            &device,
+        )),
     })
 }
 
-/// Skeleton row indices (in the original order) and the r x r middle matrix M.
+/// Skeleton row indices (in pivot order) and the r x r `S_mat`.
 pub(crate) type Skeleton = (Vec<usize>, Mat<f64>);
 
-/// Skeleton row indices and M for a host kernel; `None` when the kernel is zero.
+/// KID's result on one kernel.
+pub(crate) struct KidMiddle {
+    /// Skeleton row indices, in the original order.
+    pub skeleton: Vec<usize>,
+    /// The r x r middle matrix M.
+    pub m: Mat<f64>,
+    /// `S_mat = P (E + n lambda I)^-1 P^T`: the preconditioner inverts `J_S^T (lambda S_mat)
+    /// J_S + lambda I`.
+    pub s: Mat<f64>,
+}
+
+/// Skeleton row indices, M and `S_mat` for a host kernel; `None` when the kernel is zero.
 pub(crate) fn middle_matrix(
     kernel: &Mat<f64>,
     damping: f64,
     rank: usize,
-) -> Result<Option<Skeleton>, CurvatureError> {
+) -> Result<Option<KidMiddle>, CurvatureError> {
     let n = kernel.nrows();
     let Some((skeleton, s)) = local_skeleton(kernel, n as f64 * damping, rank)? else {
         return Ok(None);
     };
     let r = skeleton.len();
     let k_ss = Mat::from_fn(r, r, |i, j| kernel[(skeleton[i], skeleton[j])]);
-    Ok(Some((skeleton, combine(&s, &k_ss)?)))
+    let m = combine(&s, &k_ss)?;
+    Ok(Some(KidMiddle { skeleton, m, s }))
 }
 
 /// Steps 1-3 of KID on one kernel: the skeleton rows (pivot order) and

@@ -5,6 +5,16 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::rows::PerSampleRows;
 
+/// How the kept rows J_S make the Fisher that the preconditioner inverts: `F = J_S^T W J_S`.
+#[derive(Clone, Debug)]
+pub enum FisherWeights<B: Backend> {
+    /// `W = I / count`: the mean over `count` samples (SNGD: n; KIS: r, as the paper's n := r).
+    Mean(usize),
+    /// `W = lambda S_mat` (KID: the r skeleton rows stand in for all n, through the
+    /// interpolation matrix P; `S_mat = P (E + n lambda I)^-1 P^T`).
+    Matrix(Tensor<B, 2>),
+}
+
 /// Kept rows J_S of one layer and the r x r matrix M that applies its damped inverse Fisher.
 #[derive(Clone, Debug)]
 pub struct LowRankState<B: Backend> {
@@ -14,6 +24,8 @@ pub struct LowRankState<B: Backend> {
     pub m: Option<Tensor<B, 2>>,
     /// Damping lambda the state was built with.
     pub damping: f64,
+    /// The Fisher the state inverts, for the quadratic model of adaptive damping.
+    pub fisher: FisherWeights<B>,
 }
 
 impl<B: Backend> LowRankState<B> {
@@ -23,6 +35,7 @@ impl<B: Backend> LowRankState<B> {
             rows: None,
             m: None,
             damping,
+            fisher: FisherWeights::Mean(1),
         }
     }
 
@@ -43,6 +56,21 @@ impl<B: Backend> LowRankState<B> {
         match correction {
             Some(c) => (grad - c) / self.damping,
             None => grad / self.damping,
+        }
+    }
+
+    /// `delta^T F delta` (`[1]`) for a step `delta` `[d_out, d_in']`, with the Fisher this state
+    /// inverts (damping excluded): zero without kept rows.
+    pub fn quadratic(&self, delta: Tensor<B, 2>) -> Tensor<B, 1> {
+        let Some(rows) = &self.rows else {
+            return Tensor::zeros([1], &delta.device());
+        };
+        let u = rows.apply(delta); // [r, 1]
+        match &self.fisher {
+            FisherWeights::Mean(count) => u.powi_scalar(2).sum() / (*count).max(1) as f64,
+            FisherWeights::Matrix(w) => {
+                (u.clone().transpose().matmul(w.clone().matmul(u))).reshape([1])
+            }
         }
     }
 }

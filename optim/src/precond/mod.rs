@@ -8,5 +8,5 @@ pub mod sngd;
 pub mod switch;
 
 pub use kfac::{KfacMethod, KfacState};
-pub use lowrank::LowRankState;
+pub use lowrank::{FisherWeights, LowRankState};
 pub use switch::{HyloMode, SwitchPolicy};

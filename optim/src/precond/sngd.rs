@@ -8,7 +8,7 @@
 use burn::tensor::backend::Backend;
 use faer::Mat;
 
-use super::lowrank::LowRankState;
+use super::lowrank::{FisherWeights, LowRankState};
 use crate::error::CurvatureError;
 use crate::linalg;
 use crate::rows::PerSampleRows;
@@ -39,6 +39,7 @@ pub fn refresh_normalised<B: Backend>(
         m: Some(linalg::to_device(m.as_ref(), &device)),
         rows: Some(rows),
         damping,
+        fisher: FisherWeights::Mean(n),
     })
 }
 
