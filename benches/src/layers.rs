@@ -91,6 +91,40 @@ where
     cases
 }
 
+impl LayerCase {
+    /// The layer's shape and convolution settings.
+    pub fn geometry(&self) -> &LayerGeometry {
+        &self.geometry
+    }
+
+    /// The layer's input without the batch: `[C, H, W]` (convolutions) or `[L, d_in]`.
+    pub fn input_dims(&self) -> &[usize] {
+        &self.input
+    }
+}
+
+/// The distinct layer shapes of the U-Net (`init_features` channels at the first level) for
+/// `size x size` RGB inputs.
+pub fn unet_cases(init_features: usize, size: usize) -> Vec<LayerCase> {
+    model_layer_cases(
+        |capture| {
+            let m = hylo_models::UNetConfig::new()
+                .with_init_features(init_features)
+                .init(capture, &Default::default());
+            (
+                m,
+                Box::new(|m: &hylo_models::UNet<_>, x| {
+                    let y = m.forward(x);
+                    let [n, c, h, w] = y.dims();
+                    y.reshape([n, c * h * w])
+                }),
+            )
+        },
+        3,
+        size,
+    )
+}
+
 /// The distinct layer shapes of ResNet-50 (1000 classes) for `size x size` inputs.
 pub fn resnet50_cases(size: usize) -> Vec<LayerCase> {
     model_layer_cases(

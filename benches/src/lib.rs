@@ -6,7 +6,9 @@
 #![warn(missing_docs)]
 
 pub mod comm;
+pub mod conv;
 pub mod convergence;
+pub mod curvature_scale;
 pub mod layers;
 pub mod steps;
 

@@ -155,6 +155,64 @@ impl<S: SampleSource> SampleSource for Augmented<S> {
     }
 }
 
+/// A source whose images are zero-padded, centered, to `size x size` (MNIST's 28x28 digits at
+/// the 32x32 of LeNet and the CIFAR ResNets).
+pub struct ZeroPadded<S> {
+    /// The wrapped source.
+    pub inner: S,
+    /// Side of the padded images (at least the source's height and width).
+    pub size: usize,
+}
+
+impl<S: SampleSource> ZeroPadded<S> {
+    /// Pads `inner`'s images to `size`, or an error when they are larger.
+    pub fn new(inner: S, size: usize) -> Result<Self, DatasetError> {
+        let [_, h, w] = inner.sample_shape();
+        if size < h || size < w {
+            return Err(DatasetError::Invalid(format!(
+                "images of {h}x{w} cannot be padded to {size}x{size}: give a size of at least \
+                 {}",
+                h.max(w)
+            )));
+        }
+        Ok(Self { inner, size })
+    }
+}
+
+impl<S: SampleSource> SampleSource for ZeroPadded<S> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn load(&self, index: usize, rng: &mut StdRng) -> Result<Sample, DatasetError> {
+        let sample = self.inner.load(index, rng)?;
+        let (h, w, n) = (sample.height, sample.width, self.size);
+        let (top, left) = ((n - h) / 2, (n - w) / 2);
+        let mut pixels = vec![0.0; sample.channels * n * n];
+        for c in 0..sample.channels {
+            for r in 0..h {
+                let from = (c * h + r) * w;
+                let to = (c * n + top + r) * n + left;
+                pixels[to..to + w].copy_from_slice(&sample.pixels[from..from + w]);
+            }
+        }
+        Ok(Sample {
+            height: n,
+            width: n,
+            pixels,
+            ..sample
+        })
+    }
+
+    fn classes(&self) -> usize {
+        self.inner.classes()
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        [self.inner.sample_shape()[0], self.size, self.size]
+    }
+}
+
 /// Inception-style crop: a random area in `[0.08, 1]` of the image and aspect ratio in
 /// `[3/4, 4/3]` (log-uniform), resized to `size x size`; falls back to a center crop.
 pub fn random_resized_crop(img: &DynamicImage, size: u32, rng: &mut StdRng) -> DynamicImage {

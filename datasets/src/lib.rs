@@ -14,7 +14,7 @@ pub mod lgg;
 pub mod sample;
 pub mod synthetic;
 
-pub use augment::{Augmented, Normalization, RandomCropFlip};
+pub use augment::{Augmented, Normalization, RandomCropFlip, ZeroPadded};
 pub use batcher::{loader, Batch, BatchLoader, EpochOrder, HostBatch, SampleBatcher, SampleRef};
 pub use cifar::{CifarDataset, CifarVariant, Split};
 pub use error::DatasetError;

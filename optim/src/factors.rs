@@ -13,11 +13,11 @@ use crate::rows::PerSampleRows;
 pub enum ConvMode {
     /// The HyLo paper's code: a_i and g_i are averaged over output positions (cheap, approximate;
     /// about 1/L of the per-sample gradient, so the curvature is about 1/L^2 of its scale).
-    #[default]
     SpatialMean,
     /// `SpatialMean` rows at the gradient's scale: a_i averaged and g_i summed over the L output
     /// positions (L times the `SpatialMean` row; the exact per-sample gradient when a and g are
-    /// constant over positions). As cheap as `SpatialMean`.
+    /// constant over positions). As cheap as `SpatialMean`. The default.
+    #[default]
     GradientScale,
     /// The true per-sample gradient sum_l g_il a_il^T, materialised per sample.
     Exact,

@@ -84,6 +84,7 @@ pub mod comm;
 pub mod diagnostics;
 pub mod error;
 pub mod factors;
+pub mod gemm_conv;
 pub mod host;
 pub mod linalg;
 pub mod optimizer;

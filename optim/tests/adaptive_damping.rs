@@ -15,7 +15,7 @@ use common::models::*;
 use common::*;
 use hylo_optim::optimizer::LayerMeta;
 use hylo_optim::{
-    CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, NaturalGradient,
+    CaptureHandle, CurvatureConfig, DampingConfig, Graft, HyloConfig, KfacConfig, NaturalGradient,
     PeriodVerdict, SngdConfig, SwitchPolicy,
 };
 
@@ -25,6 +25,8 @@ fn curvature(freq: usize, momentum: f64, damping: DampingConfig) -> CurvatureCon
         .with_momentum(momentum)
         .with_weight_decay(0.0)
         .with_damping(damping)
+        // The update itself, not SGD's step size: the rule then decides how far a step goes.
+        .with_graft(Graft::None)
 }
 
 fn adaptive(initial: f64) -> DampingConfig {
@@ -704,7 +706,11 @@ impl BnMlp<TB> {
 }
 
 /// Every float of a model, its gradients and its loss at an inversion step.
-type PeriodStart = (BTreeMap<u64, Vec<f64>>, BTreeMap<u64, Vec<f64>>, Tensor<IB, 1>);
+type PeriodStart = (
+    BTreeMap<u64, Vec<f64>>,
+    BTreeMap<u64, Vec<f64>>,
+    Tensor<IB, 1>,
+);
 
 #[test]
 fn batchnorm_parameters_are_in_the_predicted_change() {

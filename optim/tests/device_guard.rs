@@ -9,8 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 use common::models::*;
 use common::*;
 use hylo_optim::{
-    host, CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, NaturalGradient,
-    SngdConfig, SwitchPolicy,
+    host, CaptureHandle, CurvatureConfig, DampingConfig, Graft, HyloConfig, KfacConfig,
+    NaturalGradient, SngdConfig, SwitchPolicy,
 };
 
 fn config(freq: usize) -> CurvatureConfig {
@@ -18,6 +18,8 @@ fn config(freq: usize) -> CurvatureConfig {
         .with_freq(freq)
         .with_momentum(0.0)
         .with_damping(DampingConfig::new().with_initial(0.5))
+        // The direction itself (its fallback is g / lambda), not SGD's step size.
+        .with_graft(Graft::None)
 }
 
 /// Host reads of each of `steps` optimizer steps (the training loop's own reads not counted).

@@ -16,8 +16,8 @@ use common::{kid_direction_dense, kid_skeleton_dense, rel_err, TB};
 use faer::Mat;
 use hylo_optim::comm::{all_reduce_mean, flatten_params, Communicator, Single, ThreadGroup};
 use hylo_optim::{
-    CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, SngdConfig, StepReport,
-    SwitchPolicy,
+    CaptureHandle, CurvatureConfig, DampingConfig, Graft, HyloConfig, KfacConfig, SngdConfig,
+    StepReport, SwitchPolicy,
 };
 
 fn weights(model: &Cnn<TB>) -> Vec<f32> {
@@ -38,6 +38,7 @@ fn curvature() -> CurvatureConfig {
     CurvatureConfig::new()
         .with_freq(1)
         .with_damping(DampingConfig::new().with_initial(0.5))
+        .with_graft(Graft::None)
 }
 
 /// Runs `steps` steps on samples `range` of the problem with communicator `comm`; returns the
@@ -283,7 +284,8 @@ fn distributed_kid_step(
                             CurvatureConfig::new()
                                 .with_freq(1)
                                 .with_momentum(0.0)
-                                .with_damping(DampingConfig::new().with_initial(lambda)),
+                                .with_damping(DampingConfig::new().with_initial(lambda))
+                                .with_graft(Graft::None),
                         )
                         .with_rho(rho)
                         .with_switch(SwitchPolicy::Kid)

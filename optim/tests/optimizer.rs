@@ -12,8 +12,8 @@ use common::models::*;
 use common::*;
 use hylo_optim::capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
 use hylo_optim::{
-    CurvatureConfig, DampingConfig, HyloConfig, HyloMode, KfacConfig, NaturalGradient, SngdConfig,
-    SwitchPolicy,
+    CurvatureConfig, DampingConfig, Graft, HyloConfig, HyloMode, KfacConfig, NaturalGradient,
+    SngdConfig, SwitchPolicy,
 };
 
 fn bytes<M: Module<TB>>(model: &M) -> Vec<u8> {
@@ -46,7 +46,10 @@ fn wrappers_match_plain_layers_in_output_and_gradient() {
         assert_eq!(to_vec(y_plain.clone()), to_vec(y_wrap.clone()));
         let z_plain = conv.forward(img.clone());
         let z_wrap = wrapped_conv.forward(img.clone());
-        assert_eq!(to_vec(z_plain.clone()), to_vec(z_wrap.clone()));
+        // The CPU convolution is computed as matrix products (hylo_optim::gemm_conv): the same
+        // up to f32 rounding.
+        let close = |a: Vec<f64>, b: Vec<f64>| assert!(rel_err(&a, &b) < 1e-5, "{a:?} {b:?}");
+        close(to_vec(z_plain.clone()), to_vec(z_wrap.clone()));
         assert_eq!(capture.pending_len(), if armed { 2 } else { 0 });
 
         let g_plain = (y_plain.powi_scalar(2).sum() + z_plain.sin().sum()).backward();
@@ -59,11 +62,11 @@ fn wrappers_match_plain_layers_in_output_and_gradient() {
         for (a, b) in pairs {
             assert_eq!(to_vec(a.unwrap()), to_vec(b.unwrap()));
         }
-        assert_eq!(
+        close(
             to_vec(conv.weight.val().grad(&g_plain).unwrap()),
-            to_vec(wrapped_conv.inner.weight.val().grad(&g_wrap).unwrap())
+            to_vec(wrapped_conv.inner.weight.val().grad(&g_wrap).unwrap()),
         );
-        assert_eq!(
+        close(
             to_vec(conv.bias.as_ref().unwrap().val().grad(&g_plain).unwrap()),
             to_vec(
                 wrapped_conv
@@ -73,8 +76,8 @@ fn wrappers_match_plain_layers_in_output_and_gradient() {
                     .unwrap()
                     .val()
                     .grad(&g_wrap)
-                    .unwrap()
-            )
+                    .unwrap(),
+            ),
         );
         assert_eq!(capture.take::<IB>().len(), if armed { 2 } else { 0 });
     }
@@ -329,6 +332,7 @@ fn natural_gradient_beats_sgd_on_an_ill_conditioned_mlp() {
         CurvatureConfig::new()
             .with_freq(1)
             .with_damping(DampingConfig::new().with_initial(damping))
+            .with_graft(Graft::None)
     };
     let capture = CaptureHandle::new();
     let sngd_optim = SngdConfig::new()
@@ -370,7 +374,8 @@ fn natural_gradient_beats_sgd_on_a_small_cnn() {
     let sgd = best_sgd(|c| Cnn::new(4, c), steps, loss_of);
     let cfg = CurvatureConfig::new()
         .with_freq(2)
-        .with_damping(DampingConfig::new().with_initial(0.3));
+        .with_damping(DampingConfig::new().with_initial(0.3))
+        .with_graft(Graft::None);
     let capture = CaptureHandle::new();
     let sngd = train(
         Cnn::new(4, &capture),

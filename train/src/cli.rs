@@ -232,12 +232,12 @@ pub struct TrainArgs {
     /// Convolution curvature of SNGD and HyLo: spatial-mean (the HyLo paper's rows, about 1/L
     /// of the per-sample gradient over L output positions), gradient-scale (the same rows at
     /// the gradient's scale) or exact (the per-sample gradients, materialised).
-    #[arg(long, default_value = "spatial-mean")]
+    #[arg(long, default_value = "gradient-scale")]
     pub conv_mode: String,
     /// Step size of the natural-gradient directions: sgd (each layer's direction rescaled to the
     /// norm of its gradient, so that --lr and its schedule work as for SGD) or none (the
     /// preconditioned direction as it is, as in the papers).
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "sgd")]
     #[serde(default = "default_graft")]
     pub graft: String,
     /// K-FAC eigendecomposition period (a multiple of --freq; default: --freq).
@@ -270,7 +270,8 @@ pub struct TrainArgs {
     /// Synthetic sets: validation samples.
     #[arg(long, default_value_t = 1024)]
     pub val_samples: u64,
-    /// Image side for synthetic, shapes, ImageNet (crop) and LGG (resize); default per dataset.
+    /// Image side for synthetic, shapes, ImageNet (crop), LGG (resize) and MNIST/Fashion-MNIST
+    /// (zero padding around the 28x28 images); default per dataset.
     #[arg(long)]
     pub image_size: Option<u64>,
     /// Channels of the synthetic classification images.
@@ -313,6 +314,7 @@ pub struct TrainArgs {
     pub distributed: bool,
 }
 
+/// `--graft` of a `config.json` written before the flag existed: those runs had none.
 fn default_graft() -> String {
     "none".into()
 }

@@ -91,7 +91,16 @@ pub fn load(args: &TrainArgs) -> Result<DataSources, String> {
             };
             let train = MnistDataset::load(&dir(), Split::Train).map_err(err)?;
             let val = MnistDataset::load(&dir(), Split::Test).map_err(err)?;
-            plain(train, val, norm)
+            match args.image_size {
+                // Zero-padded, centered (28x28 digits at 32x32 for the CIFAR ResNets).
+                Some(size) => {
+                    let padded = |s| {
+                        ZeroPadded::new(s, size as usize).map_err(|e| format!("--image-size: {e}"))
+                    };
+                    plain(padded(train)?, padded(val)?, norm)
+                }
+                None => plain(train, val, norm),
+            }
         }
         DatasetName::Imagenet => {
             let crop = size(224) as u32;

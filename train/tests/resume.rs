@@ -102,17 +102,17 @@ fn resume_after_n_steps_gives_the_same_metrics() {
 
 #[test]
 fn auto_damping_recovers_from_a_damping_that_diverges_when_fixed() {
-    // HyLo with momentum and a refresh every 10 steps: a damping of 0.003 (100x below the demo's
-    // old fixed 0.3) held fixed blows the loss up within the first period and every later step
-    // is NaN (seeds 1-8 all do).
+    // HyLo as in the paper (its own update, SpatialMean rows) with momentum and a refresh every
+    // 10 steps: a damping of 0.003 held fixed blows the loss up within the first period and every
+    // later step is NaN.
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let run = |damping: &str, name: &str| {
         run_training(
             "classify",
             train_command(&format!(
-                "hylo-train classify --optim hylo --epochs 3 --train-samples 1024 \
-                 --val-samples 256 --batch-size 64 --freq 10 --seed 1 \
+                "hylo-train classify --optim hylo --graft none --conv-mode spatial-mean --epochs 3 \
+                 --train-samples 1024 --val-samples 256 --batch-size 64 --freq 10 --seed 1 \
                  --max-consecutive-skips 10 --damping {damping} --out {}",
                 dir.path().join(name).display()
             )),

@@ -47,6 +47,18 @@ struct Args {
     /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet).
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
+    /// Measure the scale of each layer's curvature instead: BatchNorm ResNet-20 on real digits
+    /// (datasets/data/mnist-5k at 32x32), batch 64, at initialisation and after 1 and 3 epochs
+    /// of SGD; per layer the largest Fisher eigenvalue of each convolution mode against the
+    /// damping and SpatialMean's rows against the exact per-sample gradients. Writes the CSV to
+    /// --json's path with a .csv extension.
+    #[arg(long)]
+    curvature_scale: bool,
+    /// Time the CPU convolutions instead: Burn's Conv2d against CapturedConv2d's matrix
+    /// products, forward and backward, per layer shape of ResNet-32 (batch 128), ResNet-50
+    /// (batch 32 at 224x224; --quick: 64x64) and the U-Net (batch 4 at 128x128).
+    #[arg(long)]
+    conv: bool,
 }
 
 #[derive(Serialize)]
@@ -76,6 +88,12 @@ fn device_arg(args: &Args) -> hylo_train::device::DeviceArg {
     args.device.parse().expect("checked in main")
 }
 
+/// mimalloc: a training step allocates and frees tensors of up to tens of megabytes, which
+/// glibc's malloc maps and unmaps from the kernel each time (page faults made a small model's
+/// optimizer step 2-3x slower).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = Args::parse();
     let device: hylo_train::device::DeviceArg = match args.device.parse() {
@@ -85,6 +103,17 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.conv {
+        conv_report(&args);
+        return;
+    }
+    if args.curvature_scale {
+        if let Err(e) = curvature_scale(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if args.convergence {
         if let Err(e) = convergence(&args) {
             eprintln!("error: {e}");
@@ -464,4 +493,84 @@ fn convergence(args: &Args) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))
+}
+
+/// `--conv`: per-layer CPU convolution timings of ResNet-32, ResNet-50 and the U-Net.
+fn conv_report(args: &Args) {
+    use hylo_benches::conv::{conv_cases, markdown, time_conv};
+    use hylo_benches::layers::unet_cases;
+    let image = if args.quick { 64 } else { 224 };
+    let repeats = if args.quick { 1 } else { 3 };
+    let models: Vec<(String, Vec<LayerCase>, usize)> = vec![
+        (
+            "ResNet-32, batch 128 (32x32)".into(),
+            conv_cases(resnet32_cases()),
+            128,
+        ),
+        (
+            format!("ResNet-50, batch 32 ({image}x{image})"),
+            conv_cases(resnet50_cases(image)),
+            32,
+        ),
+        (
+            "U-Net (32 features), batch 4 (128x128)".into(),
+            conv_cases(unet_cases(32, 128)),
+            4,
+        ),
+    ];
+    let total: usize = models.iter().map(|m| m.1.len()).sum();
+    let pb = bar(total as u64, "convolutions");
+    let mut md = format!(
+        "# CPU convolutions: Burn's Conv2d against CapturedConv2d's matrix products\n\n\
+         Milliseconds per layer (the minimum of {repeats} runs), forward and backward (input and \
+         weight gradients); f32 on Flex, {} threads.\n\n",
+        rayon_threads()
+    );
+    let mut all = Vec::new();
+    for (title, cases, batch) in &models {
+        let mut timings = Vec::new();
+        for case in cases {
+            pb.set_message(format!("{title}: {}", case.shape));
+            timings.push(time_conv(case, *batch, repeats));
+            pb.inc(1);
+        }
+        md.push_str(&markdown(title, &timings));
+        md.push('\n');
+        all.push((title.clone(), timings));
+    }
+    pb.finish_and_clear();
+    print!("{md}");
+    if let Err(e) = std::fs::write(
+        &args.json,
+        serde_json::to_string_pretty(&all).unwrap_or_default(),
+    ) {
+        eprintln!("error: {}: {e}", args.json.display());
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `--curvature-scale`: the diagnostics CSV and its table.
+fn curvature_scale(args: &Args) -> Result<(), String> {
+    use hylo_benches::curvature_scale::{csv, markdown, measure};
+    let steps = if args.quick {
+        vec![0, 62]
+    } else {
+        vec![0, 62, 186]
+    };
+    let pb = bar(1, "curvature scale: ResNet-20 on MNIST digits");
+    let rows = measure(64, &steps)?;
+    pb.finish_and_clear();
+    let path = args.json.with_extension("csv");
+    std::fs::write(&path, csv(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "# Curvature scale: ResNet-20 (BatchNorm) on MNIST digits at 32x32, batch 64\n\n\
+         SGD steps taken before each measurement (62 = one epoch of the 4,000 digits); the damping \
+         of `--damping auto` starts at 1. CSV: {}\n\n{}",
+        path.display(),
+        markdown(&rows, 1.0)
+    );
+    Ok(())
 }

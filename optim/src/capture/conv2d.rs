@@ -69,17 +69,42 @@ impl<B: Backend> CapturedConv2d<B> {
         }
     }
 
+    /// `Conv2d::forward`: on `Autodiff<Flex>` as matrix products with a backward of the same
+    /// kind ([`crate::gemm_conv`]), elsewhere Burn's convolution.
+    fn convolve(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, height, width] = input.dims();
+        let LayerGeometry::Conv2d {
+            stride,
+            dilation,
+            padding,
+            ..
+        } = self.geometry(height, width)
+        else {
+            unreachable!("a convolution's geometry")
+        };
+        let settings = crate::gemm_conv::ConvSettings {
+            stride,
+            dilation,
+            padding,
+        };
+        let bias = self.inner.bias.as_ref().map(|b| b.val());
+        match crate::gemm_conv::conv2d(input, self.inner.weight.val(), bias, settings) {
+            Ok(output) => output,
+            Err((input, _, _)) => self.inner.forward(input),
+        }
+    }
+
     /// Same result as `Conv2d::forward`; on an armed autodiff pass it also records the input
     /// and adds a zero probe to the output.
     pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
         let device = input.device();
         if !(self.capture.is_armed() && B::ad_enabled(&device)) {
-            return self.inner.forward(input);
+            return self.convolve(input);
         }
         let [_, _, height, width] = input.dims();
         let geometry = self.geometry(height, width);
         let recorded = input.clone().detach();
-        let output = self.inner.forward(input);
+        let output = self.convolve(input);
         let [batch, channels_out, h_out, w_out] = output.dims();
         let probe =
             Tensor::<B, 3>::zeros([batch, channels_out, h_out * w_out], &device).require_grad();

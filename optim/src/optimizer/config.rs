@@ -22,18 +22,23 @@ pub struct CurvatureConfig {
     /// Curvature is captured every `freq` steps (SNGD, HyLo: refreshed; K-FAC: factors updated).
     #[config(default = 10)]
     pub freq: usize,
-    /// Damping lambda and its schedule (one decay per refresh).
-    #[config(default = "DampingConfig::new()")]
+    /// Damping lambda and its schedule: by default adapted from 1 by the Levenberg-Marquardt
+    /// rule (which needs the training loop to report each period's loss change, see
+    /// `NaturalGradient::observe_loss_change`; without it the damping stays at 1); a fixed
+    /// value or decay (`DampingConfig::new().with_initial(..)`) reproduces the papers' runs.
+    #[config(default = "DampingConfig::new().with_initial(1.0).with_adaptive(true)")]
     pub damping: DampingConfig,
-    /// How convolutions' per-sample gradients are represented (SNGD, HyLo).
-    #[config(default = "ConvMode::SpatialMean")]
+    /// How convolutions' per-sample gradients are represented (SNGD, HyLo): by default at the
+    /// gradient's scale; `ConvMode::SpatialMean` is the HyLo paper's.
+    #[config(default = "ConvMode::GradientScale")]
     pub conv_mode: ConvMode,
     /// KL clipping kappa (KAISA): every update is scaled by min(1, sqrt(kappa / (lr^2 sum <v, g>))).
     #[config(default = "None")]
     pub kl_clip: Option<f64>,
-    /// Whose step size the directions take: SGD's (each layer's direction rescaled to the norm of
-    /// its gradient) or the preconditioner's own.
-    #[config(default = "Graft::None")]
+    /// Whose step size the directions take: SGD's (the default: each layer's direction
+    /// rescaled to the norm of its gradient, so SGD's learning rate and schedule carry over) or
+    /// the preconditioner's own (`Graft::None`, the papers' update).
+    #[config(default = "Graft::Sgd")]
     pub graft: Graft,
 }
 

@@ -313,6 +313,15 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         module: &M,
         grads: &GradientsParams,
     ) {
+        if self.period.is_some() && !self.unobserved_warned {
+            self.unobserved_warned = true;
+            tracing::warn!(
+                damping = self.damping,
+                "adaptive damping: no loss change was reported for the last period, so the \
+                 damping stays where it is; report it with NaturalGradient::observe_loss_change \
+                 before each inversion step"
+            );
+        }
         let mut floats = Floats {
             grads,
             values: BTreeMap::new(),

@@ -123,6 +123,8 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     /// Adaptive damping: the loss of the first judged period's batch at its start (the
     /// reference of a slow blow-up).
     first_loss: Option<f64>,
+    /// Adaptive damping: a period ended without its loss change (warned once).
+    unobserved_warned: bool,
 }
 
 /// Called with every step's report (see [`NaturalGradient::with_report_observer`]).
@@ -161,6 +163,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             rejected_periods: 0,
             consecutive_rejections: 0,
             first_loss: None,
+            unobserved_warned: false,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         Ok(optim)
