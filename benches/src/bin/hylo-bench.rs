@@ -42,9 +42,10 @@ struct Args {
     #[arg(long)]
     convergence: bool,
     /// Seeds of the convergence benchmark.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     seeds: u64,
-    /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet).
+    /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet,
+    /// mnist-mlp, mnist-resnet20).
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
     /// Measure the scale of each layer's curvature instead: BatchNorm ResNet-20 on real digits
@@ -426,7 +427,8 @@ fn convergence(args: &Args) -> Result<(), String> {
         .collect();
     if tasks.is_empty() {
         return Err(format!(
-            "--tasks: none of {:?} is a task (mlp, small-cnn, resnet20, unet)",
+            "--tasks: none of {:?} is a task (mlp, small-cnn, resnet20, unet, mnist-mlp, \
+             mnist-resnet20)",
             args.tasks
         ));
     }
