@@ -469,7 +469,12 @@ mod tests {
         ];
         let s = &summarize(&results)[0];
         assert_eq!(
-            (s.defaults.best, s.defaults.time, s.defaults.steps, s.defaults.diverged),
+            (
+                s.defaults.best,
+                s.defaults.time,
+                s.defaults.steps,
+                s.defaults.diverged
+            ),
             (0.85, Some(6.0), Some(60), 0)
         );
         assert!((s.defaults.last - 0.84).abs() < 1e-12);

@@ -798,3 +798,64 @@ fn batchnorm_parameters_are_in_the_predicted_change() {
     }
     assert_eq!(checked, 3);
 }
+
+#[test]
+fn the_capture_handle_does_the_period_bookkeeping_of_a_training_loop() {
+    // `gradients_with_loss` keeps each period's first batch and loss and evaluates the batch at
+    // the period's end: the same dampings and weights as the loop that reports by hand, on
+    // minibatches (each period's first batch differs from the batch of the step that ends it).
+    let (x, y) = mlp_problem(64, 8, 4);
+    let batches: Vec<(Tensor<TB, 2>, Tensor<TB, 1, Int>)> = (0..4)
+        .map(|k| {
+            (
+                x.clone().slice(k * 16..(k + 1) * 16),
+                y.clone().slice(k * 16..(k + 1) * 16),
+            )
+        })
+        .collect();
+    let run = |by_hand: bool| {
+        let capture = CaptureHandle::new();
+        let mut optim = SngdConfig::new()
+            .with_curvature(curvature(3, 0.9, adaptive(0.05)))
+            .init::<TB>(&capture)
+            .unwrap();
+        let mut model = Mlp::<TB>::new(8, 16, 4, &capture);
+        let loss_of = |m: &Mlp<TB>, b: &(Tensor<TB, 2>, Tensor<TB, 1, Int>)| {
+            cross_entropy(m.forward(b.0.clone()), b.1.clone())
+        };
+        let mut kept: Option<(usize, Tensor<IB, 1>)> = None;
+        let mut dampings = Vec::new();
+        for step in 0..24 {
+            let batch = &batches[step % 4];
+            let grads = if by_hand {
+                // Before this step's forward pass: disarming the handle drops what it recorded.
+                if optim.wants_loss_change() {
+                    let (k, before) = kept.take().unwrap();
+                    let armed = capture.is_armed();
+                    capture.arm(false);
+                    let after = loss_of(&model, &batches[k]).inner();
+                    capture.arm(armed);
+                    optim.observe_loss_change(&model, before, after);
+                }
+                let loss = loss_of(&model, batch);
+                if optim.is_inversion_step(optim.steps()) {
+                    kept = Some((step % 4, loss.clone().inner()));
+                }
+                capture.gradients(loss.backward(), &model)
+            } else {
+                let loss = loss_of(&model, batch);
+                capture.gradients_with_loss(loss, &model, batch, loss_of)
+            };
+            model = optim.step(0.2, model, grads);
+            dampings.push(optim.damping());
+        }
+        let weights = [&model.l1, &model.l2].map(|l| to_vec(l.inner.weight.val().inner()));
+        (dampings, weights)
+    };
+    let (manual, manual_weights) = run(true);
+    let (helper, helper_weights) = run(false);
+    assert_eq!(manual, helper);
+    assert_eq!(manual_weights, helper_weights);
+    // The rule did act.
+    assert!(manual.iter().any(|d| *d != 0.05), "{manual:?}");
+}

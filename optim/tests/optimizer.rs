@@ -550,7 +550,11 @@ fn grafting_gives_every_layer_sgds_step_length_in_its_own_direction() {
         };
         let gradient = |l: &CapturedLinear<TB>| {
             let mut v = to_vec(grads.get::<IB, 2>(l.inner.weight.id).unwrap());
-            v.extend(to_vec(grads.get::<IB, 1>(l.inner.bias.as_ref().unwrap().id).unwrap()));
+            v.extend(to_vec(
+                grads
+                    .get::<IB, 1>(l.inner.bias.as_ref().unwrap().id)
+                    .unwrap(),
+            ));
             v
         };
         let before = [block(&model.l1), block(&model.l2)];
@@ -561,7 +565,10 @@ fn grafting_gives_every_layer_sgds_step_length_in_its_own_direction() {
         for k in 0..2 {
             let step: Vec<f64> = before[k].iter().zip(&now[k]).map(|(b, a)| b - a).collect();
             let length = norm(&step) / (lr * norm(&g[k]));
-            assert!((length - 1.0).abs() < 1e-4, "{name} layer {k}: |step| / lr|g| = {length}");
+            assert!(
+                (length - 1.0).abs() < 1e-4,
+                "{name} layer {k}: |step| / lr|g| = {length}"
+            );
             let cos = step.iter().zip(&g[k]).map(|(s, g)| s * g).sum::<f64>()
                 / (norm(&step) * norm(&g[k]));
             assert!(cos > 0.0 && cos < 0.999, "{name} layer {k}: cos {cos}");

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::app::{run_training, TrainCommand};
 use crate::cli::{DatasetName, OptimName, TrainArgs};
+use crate::training::{run_training, TrainCommand};
 
 /// Settings of the demo.
 #[derive(Args, Debug, Clone)]

@@ -13,4 +13,6 @@ pub mod output;
 pub mod plot;
 pub mod task;
 pub mod trainer;
+pub mod training;
+pub mod watches;
 pub mod workers;

@@ -146,24 +146,6 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         matches!(self, Self::Natural(o) if o.adapts_damping())
     }
 
-    /// Whether the next step refreshes and adaptive damping awaits the loss change of the last
-    /// refresh batch ([`AnyOptimizer::observe_loss_change`]).
-    pub fn wants_loss_change(&self) -> bool {
-        matches!(self, Self::Natural(o) if o.wants_loss_change())
-    }
-
-    /// Hands the last refresh batch's loss then and now to the adaptive damping.
-    pub fn observe_loss_change(
-        &mut self,
-        model: &M,
-        before: burn::tensor::Tensor<B::InnerBackend, 1>,
-        after: burn::tensor::Tensor<B::InnerBackend, 1>,
-    ) {
-        if let Self::Natural(o) = self {
-            o.observe_loss_change(model, before, after);
-        }
-    }
-
     /// Current damping (natural-gradient optimizers).
     pub fn damping(&self) -> Option<f64> {
         match self {

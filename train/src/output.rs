@@ -141,21 +141,20 @@ pub struct RunState {
     /// killed between its checkpoint and its metrics has the same rows as one never killed.
     #[serde(default)]
     pub rows: Vec<MetricsRow>,
-    /// Adaptive damping: where the last refresh batch was and its loss then.
+    /// Adaptive damping: where the first batch of the last curvature period was (the
+    /// optimizer's record holds the rest of the period; on resume the batch is rebuilt from its
+    /// position).
     #[serde(default)]
     pub refresh: Option<RefreshPoint>,
 }
 
-/// The position and loss of a refresh batch (adaptive damping re-evaluates it at the next
-/// refresh; after a resume it is rebuilt from its position).
+/// The position of the first batch of a curvature period.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RefreshPoint {
     /// Epoch of the batch.
     pub epoch: u64,
     /// Its index in the epoch.
     pub step_in_epoch: u64,
-    /// Its training loss at the refresh step (mean over the ranks).
-    pub loss: f64,
 }
 
 /// Checkpoint files inside a directory.

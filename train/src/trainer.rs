@@ -1,4 +1,6 @@
-//! The training loop: epochs of batches, validation, metrics, checkpoints, resume and stops.
+//! The training loop as a [`Run`] with named phases: [`Run::start`] (a new run or a resume),
+//! [`Run::epoch`] of [`Run::step`]s with their log points, [`Run::end_epoch`] (validation,
+//! metrics, checkpoint) and [`Run::finish`], the one exit.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,31 +8,22 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use hylo_datasets::{loader, EpochOrder, SampleBatcher};
-use hylo_optim::schedule::WarmupMultiStepConfig;
+use hylo_datasets::{loader, Batch, EpochOrder, SampleBatcher};
+use hylo_optim::comm::{all_reduce_mean, average_buffers};
+use hylo_optim::schedule::{WarmupMultiStep, WarmupMultiStepConfig};
 use hylo_optim::{CaptureHandle, PeriodVerdict};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
 use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
-use crate::output::{self, MetricsRow, RunState};
+use crate::output::{self, MetricsRow, RefreshPoint, RunState};
 use crate::task::{PendingTally, Tally, TrainModel};
+pub use crate::watches::Stop;
+use crate::watches::{
+    joint_stop, local_stop, DivergenceWatch, SkipWatch, MAX_CONSECUTIVE_REJECTIONS,
+};
 use crate::workers::Workers;
-use hylo_optim::comm::{all_reduce_mean, average_buffers};
-
-/// Why a training invocation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    /// All epochs done.
-    Finished,
-    /// `--max-steps` reached.
-    MaxSteps,
-    /// `--time-budget` spent.
-    TimeBudget,
-    /// Ctrl-C.
-    Interrupted,
-}
 
 /// The result of a training invocation.
 #[derive(Clone, Debug)]
@@ -67,441 +60,426 @@ where
     B: AutodiffBackend,
     M: TrainModel<B>,
 {
-    let out = args.out.as_path();
-    let batch_size = args.batch_size as usize;
-    let train_len = data.train.len();
-    let steps_per_epoch = train_len / batch_size;
-    if steps_per_epoch == 0 {
-        return Err(format!(
-            "--batch-size {batch_size} is larger than the training set ({train_len} samples)"
-        ));
-    }
-    let (rank, size) = (workers.rank(), workers.size());
-    if !batch_size.is_multiple_of(size) {
-        return Err(format!(
-            "--batch-size {batch_size} must be a multiple of the {size} ranks"
-        ));
-    }
-    let local_batch = batch_size / size;
-    workers.check_same_config(&serde_json::to_string(args).map_err(|e| e.to_string())?)?;
-    let log = |line: &str| {
-        if workers.writes() {
-            output::log(out, line);
+    let mut run = Run::start(
+        Setup {
+            args,
+            command,
+            data,
+            capture,
+            device,
+            workers,
+        },
+        model,
+        resume,
+    )?;
+    while run.state.epoch < args.epochs {
+        if let Some(stop) = run.epoch()? {
+            return run.finish(stop);
         }
-    };
-    let mut optim = AnyOptimizer::<M, B>::build(args, steps_per_epoch, capture, workers)?;
-    let (mut model, mut state) = if resume {
-        let (paths, mut state) = output::find_checkpoint(out)?;
-        if workers.writes() {
-            restore_metrics(out, &mut state, M::SEGMENTS)?;
-        }
-        let recorder = CheckpointRecorder::new();
-        let model = model
-            .load_file(paths.model(), &recorder, device)
-            .map_err(|e| format!("{}: cannot load the model: {e}", paths.model().display()))?;
-        optim = optim.load(&paths.optimizer(), device)?;
-        log(&format!(
-            "resumed at epoch {} step {}",
-            state.epoch, state.global_step
-        ));
-        (model, state)
-    } else {
-        if workers.writes() {
-            std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-            let _ = std::fs::remove_file(out.join("train.log"));
-            output::write_config(out, args, command)?;
-            output::write_metrics(&out.join("metrics.csv"), &[], M::SEGMENTS)?;
-        }
-        (model, RunState::default())
-    };
-    log(&format!(
-        "device {}",
-        crate::device::describe(args.device()?)?
-    ));
-    if workers.distributed() {
-        log(&format!(
-            "data parallel over {size} ranks: local batch {local_batch} of {batch_size}"
-        ));
     }
-    let spe = steps_per_epoch;
-    let schedule = WarmupMultiStepConfig::new(args.lr)
-        .with_warmup_steps(args.warmup_epochs as usize * spe)
-        .with_milestones(args.milestones.iter().map(|&m| m as usize * spe).collect())
-        .with_decay(args.lr_decay)
-        .init()
-        .map_err(|e| e.to_string())?;
-    let train_batcher =
-        SampleBatcher::new(data.train.clone(), data.normalization.clone(), args.seed)
-            .skip_bad(args.skip_bad_samples);
-    let val_batcher = SampleBatcher::new(data.val.clone(), data.normalization.clone(), args.seed)
-        .skip_bad(args.skip_bad_samples);
-    let epoch_end = EpochEnd {
-        args,
-        data,
-        val_batcher: &val_batcher,
-        device,
-        workers,
-    };
+    run.finish(Stop::Finished)
+}
 
-    let bars = MultiProgress::new();
-    if !workers.writes() {
-        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let epoch_bar = bars.add(ProgressBar::new(args.epochs).with_position(state.epoch));
-    epoch_bar
-        .set_style(ProgressStyle::with_template("epoch {pos}/{len} {wide_bar} {msg}").unwrap());
-    let step_bar = bars.add(ProgressBar::new(spe as u64));
-    step_bar.set_style(
-        ProgressStyle::with_template("step {pos}/{len} {bar:30} {per_sec} {msg}").unwrap(),
-    );
+/// What a run is given: settings, data, the capture handle, device and workers.
+pub struct Setup<'a, B: AutodiffBackend> {
+    /// The arguments.
+    pub args: &'a TrainArgs,
+    /// `classify` or `segment` (for `config.json`).
+    pub command: &'a str,
+    /// Training and validation data.
+    pub data: &'a DataSources,
+    /// Shared by the model and the optimizer.
+    pub capture: &'a CaptureHandle,
+    /// Where tensors live.
+    pub device: &'a B::Device,
+    /// This process and the others of a distributed run.
+    pub workers: &'a Workers,
+}
 
-    let started = Instant::now();
-    let wall_before = state.wall_s;
-    let wall = |started: &Instant| wall_before + started.elapsed().as_secs_f64();
-    let mut rows = Vec::new();
-    let mut lr = schedule.rate_at(state.global_step as usize);
-    let mut pending = PendingTally::<B::InnerBackend>::default();
-    let first_step = state.global_step;
-    // This rank's batches of an epoch (shuffled, augmented), from batch `skip` on.
-    let epoch_order = |epoch: u64, skip: u64| {
+// References only: copied freely whatever the backend (a derive would ask `B: Copy`).
+impl<B: AutodiffBackend> Clone for Setup<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: AutodiffBackend> Copy for Setup<'_, B> {}
+
+impl<B: AutodiffBackend> Setup<'_, B> {
+    /// Writes a line to `train.log` (the rank that writes).
+    fn log(&self, line: &str) {
+        if self.workers.writes() {
+            output::log(&self.args.out, line);
+        }
+    }
+
+    /// Steps of an epoch and this rank's share of a batch.
+    fn batches(&self) -> Result<(usize, usize), String> {
+        let batch = self.args.batch_size as usize;
+        let train_len = self.data.train.len();
+        let size = self.workers.size();
+        if train_len / batch == 0 {
+            return Err(format!(
+                "--batch-size {batch} is larger than the training set ({train_len} samples)"
+            ));
+        }
+        if !batch.is_multiple_of(size) {
+            return Err(format!(
+                "--batch-size {batch} must be a multiple of the {size} ranks"
+            ));
+        }
+        Ok((train_len / batch, batch / size))
+    }
+
+    /// This rank's batches of `epoch` (shuffled, augmented), from batch `skip` on.
+    fn order(&self, epoch: u64, skip: u64) -> EpochOrder {
+        let (_, local) = self.batches().expect("checked at the start");
         EpochOrder::sharded(
-            train_len, batch_size, args.seed, epoch, true, true, rank, size,
+            self.data.train.len(),
+            self.args.batch_size as usize,
+            self.args.seed,
+            epoch,
+            true,
+            true,
+            self.workers.rank(),
+            self.workers.size(),
         )
-        .skip_batches(skip as usize, local_batch)
-    };
-    // Adaptive damping: the last refresh batch (rebuilt from `state.refresh` after a resume).
-    let mut refresh_batch: Option<hylo_datasets::Batch<B>> = None;
-    let mut skips = SkipWatch {
-        seen: optim.skipped_steps().0,
-        limit: args.max_consecutive_skips,
-    };
-    let mut divergence = DivergenceWatch::default();
-    while state.epoch < args.epochs {
-        let order = epoch_order(state.epoch, state.step_in_epoch);
-        step_bar.reset();
-        step_bar.set_position(state.step_in_epoch);
-        for batch in loader::<B>(train_batcher.clone(), order, local_batch, device).iter() {
-            let batch = batch.map_err(|e| e.to_string())?;
-            if state.global_step == 2 {
-                output::fault_point("panic-at-step-2");
+        .skip_batches(skip as usize, local)
+    }
+}
+
+/// The progress bars on stderr (hidden on ranks that do not write).
+struct Bars {
+    all: MultiProgress,
+    epochs: ProgressBar,
+    steps: ProgressBar,
+}
+
+impl Bars {
+    fn new(epochs: u64, done: u64, steps: u64, visible: bool) -> Self {
+        let all = MultiProgress::new();
+        if !visible {
+            all.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let epochs = all.add(ProgressBar::new(epochs).with_position(done));
+        epochs.set_style(
+            ProgressStyle::with_template("epoch {pos}/{len} {wide_bar} {msg}").expect("template"),
+        );
+        let steps = all.add(ProgressBar::new(steps));
+        steps.set_style(
+            ProgressStyle::with_template("step {pos}/{len} {bar:30} {per_sec} {msg}")
+                .expect("template"),
+        );
+        Self { all, epochs, steps }
+    }
+}
+
+/// A training run in progress.
+pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
+    setup: Setup<'a, B>,
+    model: M,
+    optim: AnyOptimizer<M, B>,
+    /// Where the run stands (saved with every checkpoint).
+    pub state: RunState,
+    schedule: WarmupMultiStep,
+    train_batcher: SampleBatcher,
+    val_batcher: SampleBatcher,
+    steps_per_epoch: usize,
+    local_batch: usize,
+    bars: Bars,
+    pending: PendingTally<B::InnerBackend>,
+    skips: SkipWatch,
+    divergence: DivergenceWatch,
+    started: Instant,
+    wall_before: f64,
+    first_step: u64,
+    lr: f64,
+    /// Rows of this invocation.
+    rows: Vec<MetricsRow>,
+    /// Validation loss and score of the last epoch ended in this invocation.
+    last_val: Option<(f64, f64)>,
+}
+
+impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
+    /// A new run (output directory prepared) or a resumed one (model, optimizer, position and
+    /// metrics from the checkpoint in `--out`).
+    pub fn start(setup: Setup<'a, B>, model: M, resume: bool) -> Result<Self, String> {
+        let args = setup.args;
+        let (steps_per_epoch, local_batch) = setup.batches()?;
+        setup
+            .workers
+            .check_same_config(&serde_json::to_string(args).map_err(|e| e.to_string())?)?;
+        let out = args.out.as_path();
+        let optim =
+            AnyOptimizer::<M, B>::build(args, steps_per_epoch, setup.capture, setup.workers)?;
+        let (model, optim, state) = if resume {
+            let (paths, mut state) = output::find_checkpoint(out)?;
+            if setup.workers.writes() {
+                restore_metrics(out, &mut state, M::SEGMENTS)?;
             }
-            for bad in &batch.skipped {
-                log(&format!(
-                    "training sample skipped (--skip-bad-samples): {bad}"
-                ));
+            let model = model
+                .load_file(paths.model(), &CheckpointRecorder::new(), setup.device)
+                .map_err(|e| format!("{}: cannot load the model: {e}", paths.model().display()))?;
+            let optim = optim.load(&paths.optimizer(), setup.device)?;
+            setup.log(&format!(
+                "resumed at epoch {} step {}",
+                state.epoch, state.global_step
+            ));
+            (model, optim, state)
+        } else {
+            if setup.workers.writes() {
+                std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+                let _ = std::fs::remove_file(out.join("train.log"));
+                output::write_config(out, args, setup.command)?;
+                output::write_metrics(&out.join("metrics.csv"), &[], M::SEGMENTS)?;
             }
-            lr = schedule.rate_at(state.global_step as usize);
-            if optim.wants_loss_change() {
-                // Adaptive damping, before the refresh about to happen: the last refresh batch at
-                // the current weights (no capture, BatchNorm statistics untouched; the ranks
-                // average their local losses).
-                if let Some(point) = state.refresh.take() {
-                    let kept = match refresh_batch.take() {
-                        Some(kept) => kept,
-                        None => {
-                            let order = epoch_order(point.epoch, point.step_in_epoch);
-                            loader::<B>(train_batcher.clone(), order, local_batch, device)
-                                .iter()
-                                .next()
-                                .ok_or("the last refresh batch is past its epoch's end")?
-                                .map_err(|e| e.to_string())?
-                        }
-                    };
-                    let armed = capture.is_armed();
-                    capture.arm(false);
-                    let after = hylo_models::batch_norm::with_frozen_statistics(|| {
-                        model.objective(kept).inner()
-                    });
-                    capture.arm(armed);
-                    let after = if workers.distributed() {
-                        scalar_on(mean_over_ranks(workers, after), device)
-                    } else {
-                        after
-                    };
-                    optim.observe_loss_change(&model, scalar_on(point.loss, device), after);
-                }
-            }
-            let kept = optim.starts_period().then(|| batch.clone());
-            let loss = model.loss(batch, &mut pending);
-            if let Some(kept) = kept {
-                // Read now so that a checkpoint can keep it (one read per refresh).
-                state.refresh = Some(output::RefreshPoint {
-                    epoch: state.epoch,
-                    step_in_epoch: state.step_in_epoch,
-                    loss: mean_over_ranks(workers, loss.clone().inner()),
-                });
-                refresh_batch = Some(kept);
-            }
-            let grads = capture.gradients(loss.backward(), &model);
-            let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &model, workers.comm.as_ref());
-            model = optim.step(lr, model, grads);
-            // BatchNorm statistics: every rank keeps the mean over the ranks.
-            model = average_buffers::<B, M>(model, workers.comm.as_ref()).0;
-            if let Some(PeriodVerdict::Rejected { before, after }) = optim.last_period() {
-                log(&format!(
-                    "step {}: the refresh batch's loss went from {before:.4} to {after:.4} over \
-                     the last period: period rejected (weights and momentum restored to its \
-                     start), damping raised to {:.3e}",
-                    state.global_step,
-                    optim.damping().unwrap_or(f64::NAN)
-                ));
-                if optim.consecutive_rejections() >= MAX_CONSECUTIVE_REJECTIONS {
-                    return Err(format!(
-                        "adaptive damping rejected the last {} periods in a row (up to step {}): \
-                         the loss blows up even at damping {:.3e}; training stopped, the last \
-                         checkpoint is kept as it was (try a lower --lr)",
-                        MAX_CONSECUTIVE_REJECTIONS,
-                        state.global_step,
-                        optim.damping().unwrap_or(f64::NAN)
-                    ));
-                }
-            }
-            if let Some(bytes) = optim.refresh_bytes().filter(|_| workers.distributed()) {
-                log(&format!(
-                    "refresh at step {}: all-gather {} B, broadcast {} B, all-reduce {} B \
-                     (gradients: {grad_bytes} B every step)",
-                    state.global_step, bytes.all_gather, bytes.broadcast, bytes.all_reduce
-                ));
-            }
-            state.global_step += 1;
-            state.step_in_epoch += 1;
-            if state.global_step == first_step + 1 {
-                log(&format!(
-                    "first step {:.2}s (on a GPU backend it includes compiling the kernels \
-                     it uses for the first time)",
-                    wall(&started) - wall_before
-                ));
-            }
-            step_bar.inc(1);
-            let local_stop = if INTERRUPTED.load(Ordering::SeqCst) {
-                Some(Stop::Interrupted)
-            } else if args.max_steps.is_some_and(|m| state.global_step >= m) {
-                Some(Stop::MaxSteps)
-            } else if args.time_budget.is_some_and(|t| wall(&started) >= t) {
-                Some(Stop::TimeBudget)
-            } else {
-                None
-            };
-            // Every rank stops at the same step: a rank left alone in a collective would hang.
-            let stop = match (workers.any(local_stop.is_some()), local_stop) {
-                (true, Some(stop)) => Some(stop),
-                (true, None) => Some(Stop::Interrupted),
-                (false, _) => None,
-            };
-            // Metrics and the skip counters are read from the device only here (every
-            // --log-every steps, at the end of an epoch and on a stop).
-            let epoch_done = state.step_in_epoch as usize == spe;
-            if stop.is_some() || epoch_done || state.global_step % args.log_every.max(1) == 0 {
-                pending.flush(&mut state.train);
-                step_bar.set_message(format!(
-                    "loss {:.4} {} {:.3}",
-                    state.train.loss(),
-                    if M::SEGMENTS { "dice" } else { "acc" },
-                    state.train.score()
-                ));
-                skips.check(&optim, state.global_step, &log)?;
-                divergence.check(
-                    state.train.loss(),
-                    state.global_step,
-                    optim.skips_non_finite(),
-                )?;
+            (model, optim, RunState::default())
+        };
+        setup.log(&format!(
+            "device {}",
+            crate::device::describe(args.device()?)?
+        ));
+        if setup.workers.distributed() {
+            setup.log(&format!(
+                "data parallel over {} ranks: local batch {local_batch} of {}",
+                setup.workers.size(),
+                args.batch_size
+            ));
+        }
+        let spe = steps_per_epoch;
+        let schedule = WarmupMultiStepConfig::new(args.lr)
+            .with_warmup_steps(args.warmup_epochs as usize * spe)
+            .with_milestones(args.milestones.iter().map(|&m| m as usize * spe).collect())
+            .with_decay(args.lr_decay)
+            .init()
+            .map_err(|e| e.to_string())?;
+        let batcher = |source| {
+            SampleBatcher::new(source, setup.data.normalization.clone(), args.seed)
+                .skip_bad(args.skip_bad_samples)
+        };
+        let mut run = Self {
+            skips: SkipWatch {
+                seen: optim.skipped_steps().0,
+                limit: args.max_consecutive_skips,
+            },
+            bars: Bars::new(args.epochs, state.epoch, spe as u64, setup.workers.writes()),
+            lr: schedule.rate_at(state.global_step as usize),
+            first_step: state.global_step,
+            wall_before: state.wall_s,
+            train_batcher: batcher(setup.data.train.clone()),
+            val_batcher: batcher(setup.data.val.clone()),
+            setup,
+            model,
+            optim,
+            state,
+            schedule,
+            steps_per_epoch,
+            local_batch,
+            pending: PendingTally::default(),
+            divergence: DivergenceWatch::default(),
+            started: Instant::now(),
+            rows: Vec::new(),
+            last_val: None,
+        };
+        run.restore_period_batch()?;
+        Ok(run)
+    }
+
+    /// After a resume inside a curvature period, gives the capture handle the period's first
+    /// batch back (adaptive damping evaluates it at the period's end).
+    fn restore_period_batch(&mut self) -> Result<(), String> {
+        let Some(point) = self.state.refresh else {
+            return Ok(());
+        };
+        let order = self.setup.order(point.epoch, point.step_in_epoch);
+        let batch = loader::<B>(
+            self.train_batcher.clone(),
+            order,
+            self.local_batch,
+            self.setup.device,
+        )
+        .iter()
+        .next()
+        .ok_or("the first batch of the curvature period is past its epoch's end")?
+        .map_err(|e| e.to_string())?;
+        self.setup.capture.restore_period_batch(batch);
+        Ok(())
+    }
+
+    fn wall(&self) -> f64 {
+        self.wall_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The rest of the current epoch; `Some` when the run stops (a stop at the epoch's last
+    /// step ends the epoch first).
+    pub fn epoch(&mut self) -> Result<Option<Stop>, String> {
+        let order = self.setup.order(self.state.epoch, self.state.step_in_epoch);
+        self.bars.steps.reset();
+        self.bars.steps.set_position(self.state.step_in_epoch);
+        let batches = loader::<B>(
+            self.train_batcher.clone(),
+            order,
+            self.local_batch,
+            self.setup.device,
+        );
+        for batch in batches.iter() {
+            self.step(batch.map_err(|e| e.to_string())?)?;
+            let stop = self.stop();
+            let epoch_done = self.state.step_in_epoch as usize == self.steps_per_epoch;
+            if stop.is_some()
+                || epoch_done
+                || self
+                    .state
+                    .global_step
+                    .is_multiple_of(self.setup.args.log_every.max(1))
+            {
+                self.log_point()?;
             }
             if let Some(stop) = stop {
                 if epoch_done {
-                    // The epoch is complete: finish it normally first.
-                    let row = epoch_end.run(&model, &optim, &mut state, lr, wall(&started))?;
-                    rows.push(row);
+                    self.end_epoch()?;
                 }
-                state.wall_s = wall(&started);
-                if workers.writes() {
-                    checkpoint(out, &state, &model, &optim)?;
-                    epoch_end.publish(&state)?;
-                }
-                let final_val =
-                    validate::<B, M>(data, &val_batcher, &model, batch_size, device, &log)?;
-                agree(workers, &model, &log)?;
-                log(&format!(
-                    "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
-                    state.epoch, state.global_step
-                ));
-                bars.clear().ok();
-                return Ok(Outcome {
-                    stop,
-                    state,
-                    rows,
-                    final_val: (final_val.loss(), final_val.score()),
-                    summary: None,
-                });
+                return Ok(Some(stop));
             }
         }
-        let row = epoch_end.run(&model, &optim, &mut state, lr, wall(&started))?;
-        epoch_bar.inc(1);
-        epoch_bar.set_message(format!("val {:.4}", row.val_score));
-        let final_val = (row.val_loss, row.val_score);
-        rows.push(row);
-        if workers.writes() {
-            // Checkpoint first (it holds every row), then metrics.csv: a kill between the two
-            // is repaired on resume, which rewrites metrics.csv from the checkpoint.
-            checkpoint(out, &state, &model, &optim)?;
-            output::fault_point("after-checkpoint");
-            epoch_end.publish(&state)?;
+        self.end_epoch()?;
+        Ok(None)
+    }
+
+    /// One optimizer step on `batch`: forward, backward (through the capture handle, which
+    /// also keeps adaptive damping's period batch), all-reduce, update, BatchNorm averaging.
+    pub fn step(&mut self, batch: Batch<B>) -> Result<(), String> {
+        if self.state.global_step == 2 {
+            output::fault_point("panic-at-step-2");
         }
-        if state.epoch == args.epochs {
-            agree(workers, &model, &log)?;
-            bars.clear().ok();
-            return Ok(Outcome {
-                stop: Stop::Finished,
-                state,
-                rows,
-                final_val,
-                summary: None,
+        for bad in &batch.skipped {
+            self.setup.log(&format!(
+                "training sample skipped (--skip-bad-samples): {bad}"
+            ));
+        }
+        self.lr = self.schedule.rate_at(self.state.global_step as usize);
+        if self.optim.starts_period() {
+            self.state.refresh = Some(RefreshPoint {
+                epoch: self.state.epoch,
+                step_in_epoch: self.state.step_in_epoch,
             });
         }
-    }
-    bars.clear().ok();
-    let val = validate::<B, M>(data, &val_batcher, &model, batch_size, device, &log)?;
-    Ok(Outcome {
-        stop: Stop::Finished,
-        state,
-        rows,
-        final_val: (val.loss(), val.score()),
-        summary: None,
-    })
-}
-
-/// The mean over the ranks of a scalar (one host read, and one all-reduce when distributed).
-fn mean_over_ranks<I: burn::tensor::backend::Backend>(
-    workers: &Workers,
-    value: burn::tensor::Tensor<I, 1>,
-) -> f64 {
-    let mut host = hylo_optim::host::read_f32(value);
-    workers.sum(&mut host);
-    f64::from(host[0]) / workers.size() as f64
-}
-
-/// A scalar as a one-element tensor.
-fn scalar_on<I: burn::tensor::backend::Backend>(
-    value: f64,
-    device: &I::Device,
-) -> burn::tensor::Tensor<I, 1> {
-    burn::tensor::Tensor::from_floats([value as f32], device)
-}
-
-/// Periods rejected in a row by adaptive damping after which the run stops.
-pub const MAX_CONSECUTIVE_REJECTIONS: usize = 5;
-
-/// The training loss (its epoch-to-date mean at the loop's log points) may not grow beyond this
-/// factor times its first value: the run stops with an error instead of training on.
-pub const MAX_LOSS_GROWTH: f64 = 10.0;
-
-/// Stops a run whose training loss blows up: its epoch-to-date mean at a log point above
-/// [`MAX_LOSS_GROWTH`] times the first one, or not finite with an optimizer that does not skip
-/// non-finite steps (Burn's SGD and Adam; ours skip them and [`SkipWatch`] counts them).
-#[derive(Default)]
-struct DivergenceWatch {
-    first: Option<f64>,
-}
-
-impl DivergenceWatch {
-    fn check(&mut self, loss: f64, step: u64, skips_non_finite: bool) -> Result<(), String> {
-        const ADVICE: &str = "the last checkpoint is kept as it was (try a lower --lr; with \
-                              sngd, kfac or hylo also --damping auto or --graft sgd)";
-        if !loss.is_finite() {
-            if skips_non_finite {
-                return Ok(());
-            }
-            return Err(format!(
-                "the training loss is {loss} at step {step}: training diverged and was stopped; \
-                 {ADVICE}"
-            ));
-        }
-        let first = *self.first.get_or_insert(loss);
-        if loss > MAX_LOSS_GROWTH * first.abs() {
-            return Err(format!(
-                "the training loss grew from {first:.4} to {loss:.4} (more than {MAX_LOSS_GROWTH}x) \
-                 by step {step}: training diverges and was stopped; {ADVICE}"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Skipped updates (NaN or Inf in the gradients), read at the loop's log points: logs new ones
-/// and stops the run after `limit` consecutive skips.
-struct SkipWatch {
-    seen: u64,
-    limit: u64,
-}
-
-impl SkipWatch {
-    fn check<M: AutodiffModule<B>, B: AutodiffBackend>(
-        &mut self,
-        optim: &AnyOptimizer<M, B>,
-        step: u64,
-        log: &impl Fn(&str),
-    ) -> Result<(), String> {
-        let (total, consecutive) = optim.skipped_steps();
-        if total > self.seen {
-            log(&format!(
-                "{} update(s) skipped up to step {step} (NaN or Inf in the gradients; weights \
-                 and momentum kept), {total} in all",
-                total - self.seen
-            ));
-            self.seen = total;
-        }
-        if consecutive >= self.limit {
-            return Err(format!(
-                "the last {consecutive} steps (up to step {step}) all had NaN or Inf in their \
-                 gradients and were skipped (--max-consecutive-skips {}): training stopped; the \
-                 last checkpoint is kept as it was (try a lower --lr or a higher --damping)",
-                self.limit
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// What the end of an epoch needs besides the model and the optimizer.
-struct EpochEnd<'a, B: AutodiffBackend> {
-    args: &'a TrainArgs,
-    data: &'a DataSources,
-    val_batcher: &'a SampleBatcher,
-    device: &'a B::Device,
-    workers: &'a Workers,
-}
-
-impl<B: AutodiffBackend> EpochEnd<'_, B> {
-    /// Validates, writes the epoch's row, the log line and the curves (rank 0), and starts the
-    /// next epoch.
-    fn run<M: TrainModel<B>>(
-        &self,
-        model: &M,
-        optim: &AnyOptimizer<M, B>,
-        state: &mut RunState,
-        lr: f64,
-        wall_s: f64,
-    ) -> Result<MetricsRow, String> {
-        let args = self.args;
-        let log = |line: &str| {
-            if self.workers.writes() {
-                output::log(args.out.as_path(), line);
-            }
+        let loss = self.model.loss(batch.clone(), &mut self.pending);
+        // The period's first batch at the current weights: no capture, BatchNorm statistics
+        // untouched.
+        let objective = |m: &M, b: &Batch<B>| {
+            hylo_models::batch_norm::with_frozen_statistics(|| m.objective(b.clone()))
         };
+        let grads = self
+            .setup
+            .capture
+            .gradients_with_loss(loss, &self.model, &batch, objective);
+        let comm = self.setup.workers.comm.as_ref();
+        let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &self.model, comm);
+        let model = self.optim.step(self.lr, self.model.clone(), grads);
+        // BatchNorm statistics: every rank keeps the mean over the ranks.
+        self.model = average_buffers::<B, M>(model, comm).0;
+        self.after_step(grad_bytes)?;
+        self.state.global_step += 1;
+        self.state.step_in_epoch += 1;
+        if self.state.global_step == self.first_step + 1 {
+            self.setup.log(&format!(
+                "first step {:.2}s (on a GPU backend it includes compiling the kernels it uses \
+                 for the first time)",
+                self.wall() - self.wall_before
+            ));
+        }
+        self.bars.steps.inc(1);
+        Ok(())
+    }
+
+    /// What a step's outcome tells the log: a rejected period (and a stop after too many in a
+    /// row), the bytes a distributed refresh moved. Nothing is read from the device.
+    fn after_step(&mut self, grad_bytes: u64) -> Result<(), String> {
+        let step = self.state.global_step;
+        let damping = self.optim.damping().unwrap_or(f64::NAN);
+        if let Some(PeriodVerdict::Rejected { before, after }) = self.optim.last_period() {
+            self.setup.log(&format!(
+                "step {step}: the refresh batch's loss went from {before:.4} to {after:.4} over \
+                 the last period: period rejected (weights and momentum restored to its start), \
+                 damping raised to {damping:.3e}"
+            ));
+            if self.optim.consecutive_rejections() >= MAX_CONSECUTIVE_REJECTIONS {
+                return Err(format!(
+                    "adaptive damping rejected the last {MAX_CONSECUTIVE_REJECTIONS} periods in a \
+                     row (up to step {step}): the loss blows up even at damping {damping:.3e}; \
+                     training stopped, the last checkpoint is kept as it was (try a lower --lr)"
+                ));
+            }
+        }
+        if let Some(bytes) = self
+            .optim
+            .refresh_bytes()
+            .filter(|_| self.setup.workers.distributed())
+        {
+            self.setup.log(&format!(
+                "refresh at step {step}: all-gather {} B, broadcast {} B, all-reduce {} B \
+                 (gradients: {grad_bytes} B every step)",
+                bytes.all_gather, bytes.broadcast, bytes.all_reduce
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether every rank stops after this step, and why.
+    fn stop(&self) -> Option<Stop> {
+        let args = self.setup.args;
+        let local = local_stop(
+            INTERRUPTED.load(Ordering::SeqCst),
+            self.state.global_step,
+            args.max_steps,
+            self.wall(),
+            args.time_budget,
+        );
+        joint_stop(self.setup.workers.any(local.is_some()), local)
+    }
+
+    /// Every `--log-every` steps, at the end of an epoch and on a stop: the training metrics and
+    /// the skip counters are read from the device (the only reads of the loop), the progress
+    /// bar updated and the watches checked.
+    fn log_point(&mut self) -> Result<(), String> {
+        self.pending.flush(&mut self.state.train);
+        let train = &self.state.train;
+        self.bars.steps.set_message(format!(
+            "loss {:.4} {} {:.3}",
+            train.loss(),
+            if M::SEGMENTS { "dice" } else { "acc" },
+            train.score()
+        ));
+        let step = self.state.global_step;
+        let setup = self.setup;
+        self.skips
+            .check(&self.optim, step, &|l: &str| setup.log(l))?;
+        self.divergence
+            .check(train.loss(), step, self.optim.skips_non_finite())
+    }
+
+    /// Validates, records the epoch's row (log line on rank 0), checkpoints and publishes
+    /// `metrics.csv` and the curves, and starts the next epoch.
+    pub fn end_epoch(&mut self) -> Result<(), String> {
+        let setup = self.setup;
         let val = validate::<B, M>(
-            self.data,
-            self.val_batcher,
-            model,
-            args.batch_size as usize,
-            self.device,
-            &log,
+            setup.data,
+            &self.val_batcher,
+            &self.model,
+            setup.args.batch_size as usize,
+            setup.device,
+            &|l: &str| setup.log(l),
         )?;
-        if self.workers.distributed() {
+        if setup.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
-            let t = &mut state.train;
+            let t = &mut self.state.train;
             let mut sums = [t.loss_sum as f32, t.samples as f32, t.correct as f32];
-            self.workers.sum(&mut sums);
+            setup.workers.sum(&mut sums);
             (t.loss_sum, t.samples, t.correct) = (sums[0] as f64, sums[1] as u64, sums[2] as u64);
         }
+        let wall_s = self.wall();
+        let state = &mut self.state;
         state.epoch += 1;
         let row = MetricsRow {
             epoch: state.epoch,
@@ -511,50 +489,109 @@ impl<B: AutodiffBackend> EpochEnd<'_, B> {
             train_score: state.train.score(),
             val_loss: val.loss(),
             val_score: val.score(),
-            lr,
-            damping: optim.damping(),
-            mode: optim
+            lr: self.lr,
+            damping: self.optim.damping(),
+            mode: self
+                .optim
                 .mode()
-                .unwrap_or_else(|| format!("{:?}", args.optim).to_lowercase()),
+                .unwrap_or_else(|| format!("{:?}", setup.args.optim).to_lowercase()),
         };
         state.step_in_epoch = 0;
         state.train = Tally::default();
         state.wall_s = wall_s;
         state.rows.push(row.clone());
-        if !self.workers.writes() {
-            return Ok(row);
-        }
-        let out = args.out.as_path();
         let score = if M::SEGMENTS { "dice" } else { "acc" };
-        output::log(
-            out,
-            &format!(
-                "epoch {} step {} wall {:.1}s train_loss {:.4} train_{score} {:.4} val_loss {:.4} \
-                 val_{score} {:.4} lr {:.4} mode {}",
-                row.epoch,
-                row.step,
-                row.wall_s,
-                row.train_loss,
-                row.train_score,
-                row.val_loss,
-                row.val_score,
-                row.lr,
-                row.mode
-            ),
-        );
-        Ok(row)
+        setup.log(&format!(
+            "epoch {} step {} wall {:.1}s train_loss {:.4} train_{score} {:.4} val_loss {:.4} \
+             val_{score} {:.4} lr {:.4} mode {}",
+            row.epoch,
+            row.step,
+            row.wall_s,
+            row.train_loss,
+            row.train_score,
+            row.val_loss,
+            row.val_score,
+            row.lr,
+            row.mode
+        ));
+        self.bars.epochs.inc(1);
+        self.bars
+            .epochs
+            .set_message(format!("val {:.4}", row.val_score));
+        self.last_val = Some((row.val_loss, row.val_score));
+        self.rows.push(row);
+        if setup.workers.writes() {
+            // Checkpoint first (it holds every row), then metrics.csv: a kill between the two
+            // is repaired on resume, which rewrites metrics.csv from the checkpoint.
+            self.checkpoint()?;
+            output::fault_point("after-checkpoint");
+            self.publish()?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), String> {
+        output::save_checkpoint(&self.setup.args.out, &self.state, |paths| {
+            self.model
+                .clone()
+                .save_file(paths.model(), &CheckpointRecorder::new())
+                .map_err(|e| format!("{}: cannot save the model: {e}", paths.model().display()))?;
+            self.optim.save(&paths.optimizer())
+        })
     }
 
     /// Writes `metrics.csv` from the run's rows and redraws `curves.png` (rank 0, after the
     /// checkpoint).
-    fn publish(&self, state: &RunState) -> Result<(), String> {
-        let out = self.args.out.as_path();
-        let segments = self.args.dataset.is_segmentation();
-        output::write_metrics(&out.join("metrics.csv"), &state.rows, segments)?;
+    fn publish(&self) -> Result<(), String> {
+        let out = self.setup.args.out.as_path();
+        output::write_metrics(&out.join("metrics.csv"), &self.state.rows, M::SEGMENTS)?;
         if let Err(e) = crate::plot::curves(&out.join("metrics.csv"), &out.join("curves.png")) {
             output::log(out, &format!("could not draw curves.png: {e}"));
         }
         Ok(())
+    }
+
+    /// The one exit: a run stopped early saves a checkpoint where it stands; the ranks check
+    /// that they agree on the weights; the outcome carries the final validation.
+    pub fn finish(mut self, stop: Stop) -> Result<Outcome, String> {
+        let setup = self.setup;
+        if stop != Stop::Finished {
+            self.state.wall_s = self.wall();
+            if setup.workers.writes() {
+                self.checkpoint()?;
+                self.publish()?;
+            }
+            self.last_val = None;
+        }
+        let final_val = match self.last_val {
+            Some(val) => val,
+            None => {
+                let val = validate::<B, M>(
+                    setup.data,
+                    &self.val_batcher,
+                    &self.model,
+                    setup.args.batch_size as usize,
+                    setup.device,
+                    &|l: &str| setup.log(l),
+                )?;
+                (val.loss(), val.score())
+            }
+        };
+        agree(setup.workers, &self.model, &|l: &str| setup.log(l))?;
+        if stop != Stop::Finished {
+            setup.log(&format!(
+                "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
+                self.state.epoch, self.state.global_step
+            ));
+        }
+        self.bars.all.clear().ok();
+        Ok(Outcome {
+            stop,
+            state: self.state,
+            rows: self.rows,
+            final_val,
+            summary: None,
+        })
     }
 }
 
@@ -621,19 +658,4 @@ pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
     let mut tally = Tally::default();
     pending.flush(&mut tally);
     Ok(tally)
-}
-
-fn checkpoint<B: AutodiffBackend, M: AutodiffModule<B>>(
-    out: &Path,
-    state: &RunState,
-    model: &M,
-    optim: &AnyOptimizer<M, B>,
-) -> Result<(), String> {
-    output::save_checkpoint(out, state, |paths| {
-        model
-            .clone()
-            .save_file(paths.model(), &CheckpointRecorder::new())
-            .map_err(|e| format!("{}: cannot save the model: {e}", paths.model().display()))?;
-        optim.save(&paths.optimizer())
-    })
 }

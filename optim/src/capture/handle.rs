@@ -56,6 +56,23 @@ pub enum CapturedInput<B: Backend> {
 struct CaptureState {
     pending: Vec<Box<dyn Any + Send>>,
     collected: Vec<Box<dyn Any + Send>>,
+    period: PeriodExchange,
+}
+
+/// Adaptive damping's exchange between the training loop and the optimizer, through the handle
+/// they share (see [`CaptureHandle::gradients_with_loss`]).
+#[derive(Default)]
+struct PeriodExchange {
+    /// Set by the optimizer: the next step starts a period (keep its batch and loss).
+    start_next: bool,
+    /// Set by the optimizer: the next step ends a period (evaluate the kept batch).
+    end_next: bool,
+    /// The first batch of the period under way.
+    batch: Option<Box<dyn Any + Send>>,
+    /// For the optimizer: the loss of the batch that started a period (`Tensor<I, 1>`).
+    started: Option<Box<dyn Any + Send>>,
+    /// For the optimizer: the kept batch's loss at the current weights (`Tensor<I, 1>`).
+    ended: Option<Box<dyn Any + Send>>,
 }
 
 /// Shared between a model's capture wrappers and the optimizer that reads their records.
@@ -152,6 +169,86 @@ impl CaptureHandle {
     ) -> GradientsParams {
         self.collect::<B>(&grads);
         GradientsParams::from_grads(grads, module)
+    }
+
+    /// [`CaptureHandle::gradients`] for a training loop with adaptive damping (the default): the
+    /// one call such a loop needs. `loss` is this step's loss on `batch`; `loss_of` computes
+    /// the loss of a batch with a model (as the step did). When the optimizer says that this
+    /// step starts a curvature period, the handle keeps `batch` and the loss; when it ends one,
+    /// it evaluates the kept batch at the current weights with `loss_of` (capture off) and hands
+    /// both losses to the optimizer, whose next `step` adapts the damping. Nothing is read from
+    /// the device here. On other steps this is `gradients(loss.backward(), module)`.
+    ///
+    /// `loss_of` runs one more forward pass per period; a model with batch-norm layers should
+    /// not update its running statistics in it (`hylo_models::batch_norm::with_frozen_statistics`
+    /// does that for the models of this project).
+    pub fn gradients_with_loss<B, M, T>(
+        &self,
+        loss: Tensor<B, 1>,
+        module: &M,
+        batch: &T,
+        loss_of: impl FnOnce(&M, &T) -> Tensor<B, 1>,
+    ) -> GradientsParams
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+        T: Clone + Send + 'static,
+    {
+        let (start, end, kept) = {
+            let mut state = self.lock();
+            let kept = if state.period.end_next {
+                state.period.batch.take()
+            } else {
+                None
+            };
+            (state.period.start_next, state.period.end_next, kept)
+        };
+        if end {
+            if let Some(kept) = kept.and_then(|k| k.downcast::<T>().ok()) {
+                // The extra forward pass records nothing.
+                let armed = self.is_armed();
+                self.armed.store(false, Ordering::SeqCst);
+                let after = loss_of(module, &kept).detach().inner();
+                self.armed.store(armed, Ordering::SeqCst);
+                self.lock().period.ended = Some(Box::new(after));
+            }
+        }
+        if start {
+            let mut state = self.lock();
+            state.period.batch = Some(Box::new(batch.clone()));
+            state.period.started = Some(Box::new(loss.clone().detach().inner()));
+        }
+        self.gradients(loss.backward(), module)
+    }
+
+    /// Gives back the first batch of the period under way after a resume from a checkpoint
+    /// (the optimizer's record holds the rest of the period, not the batch), so that adaptive
+    /// damping judges that period too.
+    pub fn restore_period_batch<T: Send + 'static>(&self, batch: T) {
+        self.lock().period.batch = Some(Box::new(batch));
+    }
+
+    /// Called by the optimizer after each step: whether the next step starts and whether it
+    /// ends a curvature period (adaptive damping).
+    pub(crate) fn request_period(&self, start_next: bool, end_next: bool) {
+        let mut state = self.lock();
+        state.period.start_next = start_next;
+        state.period.end_next = end_next;
+    }
+
+    /// For the optimizer: the loss of the batch that started a period at this step, and the
+    /// kept batch's loss at the current weights when this step ends one.
+    pub(crate) fn take_period_losses<I: Backend>(
+        &self,
+    ) -> (Option<Tensor<I, 1>>, Option<Tensor<I, 1>>) {
+        let mut state = self.lock();
+        let take = |slot: Option<Box<dyn Any + Send>>| {
+            slot.and_then(|b| b.downcast::<Tensor<I, 1>>().ok())
+                .map(|t| *t)
+        };
+        let started = take(state.period.started.take());
+        let ended = take(state.period.ended.take());
+        (started, ended)
     }
 
     /// Takes the collected layer data (for the optimizer); the handle is empty afterwards.

@@ -67,6 +67,9 @@ pub(super) struct Period<I: Backend> {
     pub momentum: BTreeMap<u64, Tensor<I, 1>>,
     /// The gradients of the inversion step.
     pub gradients: BTreeMap<u64, Tensor<I, 1>>,
+    /// The loss of the inversion step's batch, when the training loop handed it over
+    /// (`CaptureHandle::gradients_with_loss`).
+    pub before: Option<Tensor<I, 1>>,
 }
 
 /// How the period that ends at this step was judged.
@@ -312,6 +315,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         &mut self,
         module: &M,
         grads: &GradientsParams,
+        before: Option<Tensor<B::InnerBackend, 1>>,
     ) {
         if self.period.is_some() && !self.unobserved_warned {
             self.unobserved_warned = true;
@@ -332,6 +336,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             params: floats.values,
             momentum: self.momentum.clone(),
             gradients: floats.gradients,
+            before,
         });
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use faer::Mat;
 
-use super::refresh::{mix_seed, Failures};
+use super::refresh::{Compression, Failures};
 use super::{Curvature, NaturalGradient};
 use crate::capture::LayerCapture;
 use crate::comm::{assign_owners, CommBytes, Communicator, Counted};
@@ -21,17 +21,6 @@ use crate::host;
 use crate::linalg;
 use crate::precond::{kid, kis, sngd, FisherWeights, LowRankState};
 use crate::rows::PerSampleRows;
-
-/// How a worker compresses its local rows before the all-gather.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Compression {
-    /// SNGD: all rows.
-    Full,
-    /// KIS: r rows sampled by `|a|^2 |g|^2`.
-    Kis { rho: f64, seed: u64 },
-    /// KID: r skeleton rows of the local kernel and its `S_mat_p`.
-    Kid { rho: f64 },
-}
 
 /// One worker's compressed rows of one layer.
 struct Local<B: Backend> {
@@ -343,4 +332,15 @@ fn unpack<B: Backend>(
         rows: Some(rows),
         s,
     }
+}
+
+/// A seed for one KIS draw: SplitMix64 of the run's seed, the step, the layer and the worker.
+fn mix_seed(seed: u64, step: u64, layer: u64, rank: u64) -> u64 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ layer.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ rank.wrapping_mul(0x94D0_49BB_1331_11EB);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

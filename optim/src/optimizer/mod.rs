@@ -166,6 +166,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             unobserved_warned: false,
         };
         optim.capture.arm(optim.is_curvature_step(0));
+        optim.request_period();
         Ok(optim)
     }
 
@@ -294,6 +295,15 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         // Adaptive damping: the period that ends here sets the damping this step's inversion
         // uses, or is rejected (its loss blew up): then the weights and momentum go back to its
         // start, and this step, computed at the blown-up weights, changes nothing else.
+        // Adaptive damping: the losses the training loop handed over through the capture handle
+        // (`CaptureHandle::gradients_with_loss`): the loss of a period's first batch now, and of
+        // the batch that starts the next one.
+        let (started, ended) = self.capture.take_period_losses::<B::InnerBackend>();
+        if let (Some(after), Some(before)) =
+            (ended, self.period.as_ref().and_then(|p| p.before.clone()))
+        {
+            self.observe_loss_change(&module, before, after);
+        }
         known.period = self.end_period();
         if let Some(PeriodVerdict::Adapted { .. }) = known.period {
             self.consecutive_rejections = 0;
@@ -310,6 +320,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             }
             self.step += 1;
             self.capture.arm(true);
+            self.request_period();
             return module;
         }
         let inversion = self.is_inversion_step(self.step);
@@ -355,7 +366,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         // Adaptive damping: an inversion starts a period (every float of the model and the
         // gradients before the update).
         if known.refreshed && inversion && self.config.damping.adaptive {
-            self.start_period(&module, &grads);
+            self.start_period(&module, &grads, started);
         }
         let Preconditioned {
             layers,
@@ -396,7 +407,19 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         }
         self.step += 1;
         self.capture.arm(self.is_curvature_step(self.step));
+        self.request_period();
         module
+    }
+
+    /// Tells the training loop, through the capture handle, whether the next step starts or
+    /// ends a curvature period (adaptive damping).
+    fn request_period(&self) {
+        let adaptive = self.config.damping.adaptive;
+        let inversion = self.is_inversion_step(self.step);
+        self.capture.request_period(
+            adaptive && inversion,
+            adaptive && inversion && self.period.is_some(),
+        );
     }
 
     /// Replaces every preconditioned layer's gradient by its direction, on the device.

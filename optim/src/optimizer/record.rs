@@ -61,6 +61,8 @@ pub struct PeriodRecord<B: Backend> {
     pub momentum: Vec<ParamRecord<B>>,
     /// The gradients of the period's first step.
     pub gradients: Vec<ParamRecord<B>>,
+    /// The loss of the period's first batch, when the training loop handed it over.
+    pub before: Option<Tensor<B, 1>>,
 }
 
 /// One flattened tensor of a parameter.
@@ -220,6 +222,7 @@ pub(super) fn to_record<B: AutodiffBackend>(
             params: params_to_record(&p.params),
             momentum: params_to_record(&p.momentum),
             gradients: params_to_record(&p.gradients),
+            before: p.before.clone().map(Tensor::from_inner),
         }),
         loss_change: optim.loss_change.clone().map(Tensor::from_inner),
         force_refresh: optim.force_refresh,
@@ -363,6 +366,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
         params: params_from_record(p.params),
         momentum: params_from_record(p.momentum),
         gradients: params_from_record(p.gradients),
+        before: p.before.map(Tensor::inner),
     });
     optim.loss_change = record.loss_change.map(Tensor::inner);
     optim.force_refresh = record.force_refresh;
@@ -371,5 +375,6 @@ pub(super) fn load_record<B: AutodiffBackend>(
     optim.first_loss = record.first_loss;
     let armed = optim.is_curvature_step(optim.step);
     optim.capture.arm(armed);
+    optim.request_period();
     optim
 }

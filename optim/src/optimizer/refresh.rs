@@ -9,7 +9,6 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
-use super::lowrank_refresh::Compression;
 use super::{Curvature, LayerMeta, LayerState, Method, NaturalGradient};
 use crate::capture::LayerCapture;
 use crate::comm::CommBytes;
@@ -18,6 +17,17 @@ use crate::precond::{HyloMode, LowRankState};
 
 /// Layers whose refresh failed, with the reason.
 pub(super) type Failures = Vec<(ParamId, String)>;
+
+/// How a worker compresses its local rows before the all-gather.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Compression {
+    /// SNGD: all rows.
+    Full,
+    /// KIS: r rows sampled by `|a|^2 |g|^2`.
+    Kis { rho: f64, seed: u64 },
+    /// KID: r skeleton rows of the local kernel and its `S_mat_p`.
+    Kid { rho: f64 },
+}
 
 impl<B: AutodiffBackend> NaturalGradient<B> {
     /// Refreshes the captured layers (K-FAC inverts its factors when `inversion`); returns the
@@ -99,15 +109,4 @@ fn gradient_norm<B: AutodiffBackend>(
         return 0.0;
     }
     host::read_scalar(Tensor::cat(squares, 0).sum()).sqrt()
-}
-
-/// A seed for one KIS draw: SplitMix64 of the run's seed, the step, the layer and the worker.
-pub(super) fn mix_seed(seed: u64, step: u64, layer: u64, rank: u64) -> u64 {
-    let mut z = seed
-        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ layer.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-        ^ rank.wrapping_mul(0x94D0_49BB_1331_11EB);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
