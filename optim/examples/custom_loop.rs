@@ -1,5 +1,6 @@
 //! Using the optimizers from your own Burn project: a model built from the capture wrappers,
-//! one shared `CaptureHandle`, and a plain training loop. Run with
+//! one shared `CaptureHandle`, and a plain training loop with the default recipe (SGD's step
+//! size grafted onto the natural-gradient direction, adaptive damping). Run with
 //! `cargo run -p hylo-optim --example custom_loop`.
 
 use burn::backend::{Autodiff, Flex};
@@ -8,7 +9,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::LinearConfig;
 use burn::optim::Optimizer;
 use burn::tensor::{activation::relu, backend::Backend, Distribution, Int, Tensor};
-use hylo_optim::{CaptureHandle, CapturedLinear, CurvatureConfig, DampingConfig, HyloConfig};
+use hylo_optim::{CaptureHandle, CapturedLinear, CurvatureConfig, HyloConfig};
 
 #[derive(Module, Debug)]
 struct Net<B: Backend> {
@@ -29,35 +30,46 @@ impl<B: Backend> Net<B> {
     }
 }
 
+/// A batch: inputs and classes.
+type Batch<B> = (Tensor<B, 2>, Tensor<B, 1, Int>);
+
 fn main() {
     type B = Autodiff<Flex>;
     let device = Default::default();
     let capture = CaptureHandle::new();
     let mut model = Net::<B>::new(&capture, &device);
+    // The defaults: grafting, gradient-scale rows, adaptive damping from 1; refresh every 5.
     let mut optim = HyloConfig::new()
-        .with_curvature(
-            CurvatureConfig::new()
-                .with_freq(5)
-                .with_damping(DampingConfig::new().with_initial(0.3)),
-        )
+        .with_curvature(CurvatureConfig::new().with_freq(5))
         .init::<B>(&capture)
         .expect("valid settings");
-    let x = Tensor::<B, 2>::random([64, 16], Distribution::Normal(0.0, 1.0), &device);
-    let y = x.clone().slice([0..64, 0..4]).argmax(1).reshape([64]);
-    let y: Tensor<B, 1, Int> = y;
+    let x = Tensor::<B, 2>::random([256, 16], Distribution::Normal(0.0, 1.0), &device);
+    let y: Tensor<B, 1, Int> = x.clone().slice([0..256, 0..4]).argmax(1).reshape([256]);
+    let batches: Vec<Batch<B>> = (0..8)
+        .map(|k| {
+            (
+                x.clone().slice(k * 32..(k + 1) * 32),
+                y.clone().slice(k * 32..(k + 1) * 32),
+            )
+        })
+        .collect();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    for step in 0..20 {
-        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-        // Route the gradients through the handle: it reads the curvature the layers captured.
-        let grads = capture.gradients(loss.backward(), &model);
-        model = optim.step(0.1, model, grads);
-        if step % 5 == 0 {
-            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-            println!(
-                "step {step}: loss {:.4} mode {:?}",
-                loss.into_scalar(),
-                optim.mode()
-            );
+    let loss_of =
+        |model: &Net<B>, (x, y): &Batch<B>| loss_fn.forward(model.forward(x.clone()), y.clone());
+    for epoch in 0..5 {
+        for batch in &batches {
+            let loss = loss_of(&model, batch);
+            // Instead of `GradientsParams::from_grads(loss.backward(), &model)`: the handle
+            // reads the curvature the layers captured and keeps what adaptive damping needs.
+            let grads = capture.gradients_with_loss(loss, &model, batch, loss_of);
+            model = optim.step(0.1, model, grads);
         }
+        let loss = loss_of(&model, &(x.clone(), y.clone()));
+        println!(
+            "epoch {epoch}: loss {:.4}, damping {:.3}, mode {:?}",
+            loss.into_scalar(),
+            optim.damping(),
+            optim.mode()
+        );
     }
 }

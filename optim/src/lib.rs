@@ -15,7 +15,10 @@
 //! with the `mpi` feature). Minimum Rust version: 1.92 (Burn 0.21's).
 //!
 //! The model and the optimizer share one [`CaptureHandle`]; the only change to a Burn training
-//! loop is that the gradients go through it:
+//! loop is that the gradients go through it. With the default recipe (SGD's step size grafted
+//! onto the natural-gradient direction, damping adapted by the Levenberg-Marquardt rule) the
+//! handle also keeps each curvature period's first batch and evaluates it again when the period
+//! ends, so it is given the batch and how to compute a batch's loss:
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -60,22 +63,28 @@
 //! let y = Tensor::<B, 1, Int>::from_data(TensorData::new(y, [64]), &device);
 //! let loss_fn = CrossEntropyLossConfig::new().init(&device);
 //!
-//! let initial = loss_fn.forward(model.forward(x.clone()), y.clone()).into_scalar();
+//! let loss_of = |model: &Net<B>, (x, y): &(Tensor<B, 2>, Tensor<B, 1, Int>)| {
+//!     loss_fn.forward(model.forward(x.clone()), y.clone())
+//! };
+//! let batch = (x, y);
+//! let initial = loss_of(&model, &batch).into_scalar();
 //! for _ in 0..20 {
-//!     let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+//!     let loss = loss_of(&model, &batch);
 //!     // Instead of GradientsParams::from_grads(loss.backward(), &model):
-//!     let grads = capture.gradients(loss.backward(), &model);
+//!     let grads = capture.gradients_with_loss(loss, &model, &batch, loss_of);
 //!     model = optim.step(0.1, model, grads);
 //! }
-//! let last = loss_fn.forward(model.forward(x), y).into_scalar();
+//! let last = loss_of(&model, &batch).into_scalar();
 //! assert!(last < 0.5 * initial, "{last} vs {initial}");
 //! // What the last step did: refreshed curvature, HyLo's mode (KID or KIS), fallbacks.
 //! let report = optim.last_report();
 //! assert!(!report.skipped && report.fallbacks.is_empty());
 //! ```
 //!
-//! The README has the whole picture (schedules, the `Learner`, distributed training), the
-//! `examples/` directory complete programs (`custom_loop`, `learner`).
+//! With a fixed damping (`DampingConfig::new().with_initial(..)`, the papers' schedules)
+//! `capture.gradients(loss.backward(), &model)` is all a loop needs. The README has the whole
+//! picture (schedules, burn-train's `Learner`, distributed training); `examples/custom_loop.rs`
+//! is a complete program, and the workspace's `hylo-train` crate has the `Learner` example.
 
 #![warn(missing_docs)]
 
