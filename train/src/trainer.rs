@@ -38,6 +38,10 @@ pub struct Outcome {
     pub final_val: (f64, f64),
     /// How it ended, in one line (set by the caller on the rank that writes).
     pub summary: Option<String>,
+    /// Blocking device-to-host reads (`hylo_optim::host`) of each optimizer step of this
+    /// invocation (forward, backward, all-reduce, update; the log points' reads are not a
+    /// step's).
+    pub reads_per_step: Vec<u64>,
 }
 
 /// Set by the Ctrl-C handler; the trainer saves and stops at the next step.
@@ -196,6 +200,8 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     lr: f64,
     /// Rows of this invocation.
     rows: Vec<MetricsRow>,
+    /// Device reads of each step of this invocation.
+    reads_per_step: Vec<u64>,
     /// Validation loss and score of the last epoch ended in this invocation.
     last_val: Option<(f64, f64)>,
 }
@@ -279,6 +285,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             divergence: DivergenceWatch::default(),
             started: Instant::now(),
             rows: Vec::new(),
+            reads_per_step: Vec::new(),
             last_val: None,
         };
         run.restore_period_batch()?;
@@ -349,6 +356,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// One optimizer step on `batch`: forward, backward (through the capture handle, which
     /// also keeps adaptive damping's period batch), all-reduce, update, BatchNorm averaging.
     pub fn step(&mut self, batch: Batch<B>) -> Result<(), String> {
+        let reads = hylo_optim::host::reads();
         if self.state.global_step == 2 {
             output::fault_point("panic-at-step-2");
         }
@@ -380,6 +388,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         // BatchNorm statistics: every rank keeps the mean over the ranks.
         self.model = average_buffers::<B, M>(model, comm).0;
         self.after_step(grad_bytes)?;
+        self.reads_per_step.push(hylo_optim::host::reads() - reads);
         self.state.global_step += 1;
         self.state.step_in_epoch += 1;
         if self.state.global_step == self.first_step + 1 {
@@ -591,6 +600,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             rows: self.rows,
             final_val,
             summary: None,
+            reads_per_step: self.reads_per_step,
         })
     }
 }

@@ -156,14 +156,13 @@ pub fn average_buffers<B: AutodiffBackend, M: AutodiffModule<B>>(
     (model.map(&mut Replace::<B::InnerBackend>(means)), bytes)
 }
 
-/// Every float parameter of `module`, flattened in visiting order (to compare workers' weights).
+/// Every float parameter of `module`, flattened in visiting order (to compare workers' weights);
+/// one counted host read per parameter.
 pub fn flatten_params<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<f32> {
     struct Flat(Vec<f32>);
     impl<B: Backend> ModuleVisitor<B> for Flat {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let values = param.val().into_data().convert::<f32>();
-            self.0
-                .extend(values.to_vec::<f32>().expect("float parameter"));
+            self.0.extend(host::read_f32(param.val()));
         }
     }
     let mut flat = Flat(Vec::new());
