@@ -5,6 +5,7 @@
 # `cargo test`, optim/tests/distributed.rs.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source .ci/check-run.sh
 cargo build -p hylo-train --features mpi
 cargo build -p hylo-optim --features mpi --example mpi_equivalence
 BIN=target/debug/hylo-train
@@ -19,6 +20,8 @@ for optim in hylo kfac sngd sgd; do
         --switch epochs:1,1,1 "${common[@]}" --out "$OUT/$optim"
     grep -q "all 2 ranks agree on the weights" "$OUT/$optim/train.log"
     test "$(wc -l < "$OUT/$optim/metrics.csv")" -eq 3
+    # Learned something: above chance (4 classes).
+    check_metrics "$OUT/$optim" 0.3
 done
 grep -q "refresh at step 0: all-gather" "$OUT/hylo/train.log"
 
@@ -31,6 +34,7 @@ for optim in hylo kfac sngd sgd; do
         "${bn[@]}" --out "$OUT/bn-$optim"
     grep -q "all 2 ranks agree on the weights" "$OUT/bn-$optim/train.log"
     test "$(wc -l < "$OUT/bn-$optim/metrics.csv")" -eq 3
+    check_metrics "$OUT/bn-$optim" 0.3
 done
 # KL clipping across ranks: the clip's sum over layers must run in the same order on every rank
 # (parameter ids are random per process; summed by id, K-FAC's ranks drifted apart).
@@ -38,12 +42,14 @@ for optim in kfac sngd hylo; do
     timeout 300 "${MPIRUN[@]}" -np 2 "$BIN" classify --distributed --optim "$optim" \
         --switch epochs:1,1,1 "${common[@]}" --kl-clip 0.001 --out "$OUT/clip-$optim"
     grep -q "all 2 ranks agree on the weights" "$OUT/clip-$optim/train.log"
+    check_metrics "$OUT/clip-$optim" 0.3
 done
 # U-Net (segmentation, BatchNorm and transposed convolutions):
 timeout 600 "${MPIRUN[@]}" -np 2 "$BIN" segment --distributed --model unet --dataset shapes \
     --optim hylo --init-features 4 --train-samples 32 --val-samples 8 --batch-size 8 --freq 2 \
     --epochs 1 --out "$OUT/unet"
 grep -q "all 2 ranks agree on the weights" "$OUT/unet/train.log"
+check_metrics "$OUT/unet" 0.0
 grep -q "refresh at step 0: all-gather 0 B, broadcast [0-9]* B, all-reduce [1-9]" "$OUT/kfac/train.log"
 
 # Ranks started with different arguments end with a clear error instead of hanging.
@@ -52,7 +58,11 @@ timeout 120 "${MPIRUN[@]}" -np 1 "$BIN" classify --distributed "${common[@]}" --
     : -np 1 "$BIN" classify --distributed "${common[@]}" --seed 1 --out "$OUT/bad" > "$OUT/bad.log" 2>&1
 rc=$?
 set -e
-test "$rc" -ne 0 && test "$rc" -ne 124
+# A status test inside `&&` would not stop the script under `set -e`: fail explicitly.
+if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; then
+    echo "mismatched ranks: exit status $rc (expected an error, not success or a timeout)" >&2
+    exit 1
+fi
 grep -q "configuration mismatch" "$OUT/bad.log"
 
 # A rank that panics ends the whole job (its panic hook calls MPI_Abort) instead of leaving the
@@ -63,6 +73,9 @@ timeout 120 "${MPIRUN[@]}" -np 1 env HYLO_FAULT=panic-at-step-2 "$BIN" classify 
     --out "$OUT/panic" > "$OUT/panic.log" 2>&1
 rc=$?
 set -e
-test "$rc" -ne 0 && test "$rc" -ne 124
+if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; then
+    echo "a panicking rank: exit status $rc (expected an error, not success or a timeout)" >&2
+    exit 1
+fi
 grep -q "panicked" "$OUT/panic.log"
 echo "mpi tests passed"

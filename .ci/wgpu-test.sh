@@ -5,6 +5,7 @@
 # are CPU-emulated, not GPU figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source .ci/check-run.sh
 export CI="${CI:-1}"
 # Mesa wants a runtime directory; without one it prints an error on every start.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
@@ -15,21 +16,40 @@ cargo build -p hylo-train -p hylo-benches --features hylo-benches/wgpu
 BIN=target/debug/hylo-train
 OUT=$(mktemp -d)
 
-timeout 900 "$BIN" demo --device wgpu --budget 5 --out "$OUT/demo"
+timeout 900 "$BIN" demo --device wgpu --budget 5 --out "$OUT/demo" | tee "$OUT/demo.md"
 test -s "$OUT/demo/demo.png"
-timeout 600 "$BIN" classify --device wgpu --optim hylo --freq 5 --max-steps 25 \
-    --train-samples 512 --val-samples 128 --out "$OUT/classify"
+# Every optimizer of the demo learned something: final accuracy above chance (16 classes).
+for optim in sgd kfac hylo; do
+    acc=$(sed -n "s/^| $optim | \([0-9.]*\)% .*/\1/p" "$OUT/demo.md")
+    above "$acc" 12.5 || { echo "demo on wgpu: $optim ended at '$acc'% accuracy" >&2; exit 1; }
+done
+# A short classify run on WGPU and the same on the CPU: finite, above chance (4 classes), and
+# within 5 points of accuracy of each other.
+classify=(classify --optim hylo --freq 5 --max-steps 25 --train-samples 512 --val-samples 128)
+timeout 600 "$BIN" "${classify[@]}" --device wgpu --out "$OUT/classify" | tee "$OUT/classify.txt"
 grep -q "device wgpu: " "$OUT/classify/train.log"
+timeout 600 "$BIN" "${classify[@]}" --device cpu --out "$OUT/classify-cpu" | tee "$OUT/classify-cpu.txt"
+check_summary "$OUT/classify.txt" 0.25
+check_summary "$OUT/classify-cpu.txt" 0.25
+check_close "$(summary_metric "$OUT/classify.txt")" "$(summary_metric "$OUT/classify-cpu.txt")" 0.05
 timeout 600 "$BIN" segment --device wgpu --model unet --dataset shapes --optim kfac --freq 3 \
     --max-steps 6 --batch-size 8 --init-features 8 --train-samples 64 --val-samples 16 \
-    --out "$OUT/segment"
+    --out "$OUT/segment" | tee "$OUT/segment.txt"
 grep -q "stopped (MaxSteps) at epoch 0 step 6" "$OUT/segment/train.log"
+check_summary "$OUT/segment.txt" 0.0
 # ResNet-32 steps at batch 4: a step of batch 16 takes about 12 s on lavapipe.
 timeout 2400 target/debug/hylo-bench --quick --device wgpu --step-batch 4 --json "$OUT/bench.json" \
     > "$OUT/bench.md"
 grep -q "CPU-emulated" "$OUT/bench.md"
 grep -q "Time to accuracy" "$OUT/bench.md"
 grep -q "host reads: other steps" "$OUT/bench.md"
+# A step between refreshes reads nothing from the device, for every optimizer.
+python3 -c '
+import json, sys
+steps = json.load(open(sys.argv[1]))["steps"]
+bad = [s["optimizer"] for s in steps if s["reads_plain_step"] != 0]
+assert steps and not bad, f"plain steps read the device: {bad}"
+' "$OUT/bench.json"
 if grep -q "^MaxSteps\|^TimeBudget" "$OUT/bench.md"; then
     echo "run summaries leaked into the report" >&2
     exit 1
