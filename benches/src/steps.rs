@@ -34,64 +34,123 @@ pub struct StepTiming {
     pub reads_plain_step: u64,
 }
 
-fn model<B: AutodiffBackend>(capture: &CaptureHandle, device: &B::Device) -> CifarResNet<B> {
-    CifarResNetConfig::new(32)
-        .init::<B>(capture, device)
-        .expect("depth 32")
-}
-
-/// Times `freq + 1` steps (3 for SGD) of ResNet-32 on CIFAR-shaped batches of `batch` with each optimizer
+/// Times `freq + 1` steps (5 for SGD) of ResNet-32 on CIFAR-shaped batches of `batch` with each optimizer
 /// (curvature refreshed every `freq` steps, as in the paper's run with freq 13).
 ///
-/// `progress` is advanced once per step (`3 + 3 (freq + 1)` in all).
+/// `progress` is advanced once per step (`5 + 3 (freq + 1)` in all).
 pub fn resnet32_steps<B: AutodiffBackend>(
     batch: usize,
     freq: usize,
     device: &B::Device,
     progress: &indicatif::ProgressBar,
 ) -> Vec<StepTiming> {
-    let device = device.clone();
-    let x = Tensor::<B, 4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<B, 4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), device);
     let y = Tensor::<B, 1, Int>::from_data(
         burn::tensor::TensorData::new(
             (0..batch as i64).map(|i| i % 10).collect::<Vec<_>>(),
             [batch],
         ),
-        &device,
+        device,
     );
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    model_steps(
+        &["sgd", "kfac", "sngd", "hylo"],
+        freq,
+        progress,
+        |capture: &CaptureHandle| {
+            CifarResNetConfig::new(32)
+                .init::<B>(capture, device)
+                .expect("depth 32")
+        },
+        |m: &CifarResNet<B>| loss_fn.forward(m.forward(x.clone()), y.clone()),
+        |m: &CifarResNet<B>| {
+            let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
+        },
+    )
+}
+
+/// Times the U-Net (`features` channels at the first level, as the LGG run's 32) on batches of
+/// `batch` RGB `size x size` images with a Dice loss on random masks, as
+/// `../shared/peer/torch_step.py --model unet` does.
+pub fn unet_steps<B: AutodiffBackend>(
+    batch: usize,
+    size: usize,
+    features: usize,
+    optimizers: &[&str],
+    freq: usize,
+    device: &B::Device,
+    progress: &indicatif::ProgressBar,
+) -> Vec<StepTiming> {
+    let x = Tensor::<B, 4>::random(
+        [batch, 3, size, size],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let masks = Tensor::<B, 4>::random([batch, 1, size, size], Distribution::Default, device)
+        .greater_elem(0.9)
+        .float();
+    model_steps(
+        optimizers,
+        freq,
+        progress,
+        |capture: &CaptureHandle| {
+            hylo_models::UNetConfig::new()
+                .with_init_features(features)
+                .init::<B>(capture, device)
+        },
+        |m: &hylo_models::UNet<B>| hylo_train::task::dice_loss(m.forward(x.clone()), masks.clone()),
+        |m: &hylo_models::UNet<B>| {
+            let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
+        },
+    )
+}
+
+/// Times `freq + 1` steps of each of `optimizers` (5 for SGD: every step is alike) on the model
+/// `build` makes, with the loss `loss_of` computes on one fixed batch; the curvature is
+/// refreshed every `freq` steps; `sync` waits for the device's queued work. `progress` is
+/// advanced once per step.
+pub fn model_steps<B, M>(
+    optimizers: &[&str],
+    freq: usize,
+    progress: &indicatif::ProgressBar,
+    build: impl Fn(&CaptureHandle) -> M,
+    loss_of: impl Fn(&M) -> Tensor<B, 1>,
+    sync: impl Fn(&M),
+) -> Vec<StepTiming>
+where
+    B: AutodiffBackend,
+    M: burn::module::AutodiffModule<B>,
+{
     let curvature = CurvatureConfig::new()
         .with_freq(freq)
         .with_damping(DampingConfig::new().with_initial(1.5));
     let mut out = Vec::new();
-    for name in ["sgd", "kfac", "sngd", "hylo"] {
-        progress.set_message(format!("ResNet-32 steps: {name}"));
+    for &name in optimizers {
+        progress.set_message(format!("steps: {name}"));
         let capture = CaptureHandle::new();
-        let mut m = model::<B>(&capture, &device);
+        let mut m = build(&capture);
         let mut times = Vec::new();
         let mut reads = Vec::new();
-        let mut step =
-            |m: CifarResNet<B>,
-             opt: &mut dyn FnMut(CifarResNet<B>, GradientsParams) -> CifarResNet<B>| {
-                let start = Instant::now();
-                let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
-                let grads = capture.gradients(loss.backward(), &m);
-                let before = hylo_optim::host::reads();
-                let m = opt(m, grads);
-                reads.push(hylo_optim::host::reads() - before);
-                // Wait for the device (not counted: the timing's own synchronisation).
-                let _ = m.forward(x.clone().narrow(0, 0, 1)).into_data();
-                times.push(start.elapsed().as_secs_f64());
-                progress.inc(1);
-                m
-            };
+        let mut step = |m: M, opt: &mut dyn FnMut(M, GradientsParams) -> M| {
+            let start = Instant::now();
+            let loss = loss_of(&m);
+            let grads = capture.gradients(loss.backward(), &m);
+            let before = hylo_optim::host::reads();
+            let m = opt(m, grads);
+            reads.push(hylo_optim::host::reads() - before);
+            // Wait for the device (a one-sample forward pass: the timing's own synchronisation).
+            sync(&m);
+            times.push(start.elapsed().as_secs_f64());
+            progress.inc(1);
+            m
+        };
         match name {
             "sgd" => {
                 let mut o = SgdConfig::new()
                     .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
-                    .init::<B, CifarResNet<B>>();
-                // Every SGD step is alike: a warm-up step and two measured ones suffice.
-                for _ in 0..3 {
+                    .init::<B, M>();
+                // Every SGD step is alike: a warm-up step and four measured ones.
+                for _ in 0..5 {
                     m = step(m, &mut |m, g| o.step(0.1, m, g));
                 }
             }

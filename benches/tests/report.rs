@@ -73,7 +73,7 @@ fn step_timings_count_the_host_reads_of_each_step() {
     let freq = 2;
     let progress = indicatif::ProgressBar::hidden();
     let steps = hylo_benches::steps::resnet32_steps::<B>(2, freq, &Default::default(), &progress);
-    assert_eq!(progress.position(), 3 + 3 * (freq as u64 + 1));
+    assert_eq!(progress.position(), 5 + 3 * (freq as u64 + 1));
     let names: Vec<&str> = steps.iter().map(|s| s.optimizer.as_str()).collect();
     assert_eq!(names, ["sgd", "kfac", "sngd", "hylo"]);
     // ResNet-32 has 32 preconditioned layers; a refresh reads the NaN flag, then K-FAC both

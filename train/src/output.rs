@@ -269,3 +269,24 @@ pub fn read_config(out: &Path) -> Result<(String, TrainArgs), String> {
         serde_json::from_str(&text).map_err(|e| io_err(&path, format!("not a run config: {e}")))?;
     Ok((saved.command, saved.args))
 }
+
+/// On resume: `metrics.csv` becomes the checkpoint's rows (a run killed after its checkpoint and
+/// before its metrics gets the missing row back; one killed before gets no duplicate). A
+/// checkpoint from before rows were saved keeps the file's first `epoch` rows.
+pub fn restore_metrics(out: &Path, state: &mut RunState, segments: bool) -> Result<(), String> {
+    let path = out.join("metrics.csv");
+    if state.rows.len() as u64 != state.epoch {
+        let mut rows = read_metrics(&path)?;
+        rows.truncate(state.epoch as usize);
+        if rows.len() as u64 != state.epoch {
+            return Err(format!(
+                "{}: {} rows, but the checkpoint is at epoch {}",
+                path.display(),
+                rows.len(),
+                state.epoch
+            ));
+        }
+        state.rows = rows;
+    }
+    write_metrics(&path, &state.rows, segments)
+}

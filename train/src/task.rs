@@ -281,3 +281,33 @@ impl<B: AutodiffBackend> TrainModel<B> for UNet<B> {
         dice_counts(probs, masks, &batch.indices, loss, volume_of, pending);
     }
 }
+
+/// Loss and score of `model` on the validation set (one host read at the end); a sample that
+/// cannot be read fails it with the file's name, unless the batcher skips such samples (then
+/// each is logged through `log`).
+pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
+    data: &crate::data::DataSources,
+    batcher: &hylo_datasets::SampleBatcher,
+    model: &M,
+    batch_size: usize,
+    device: &B::Device,
+    log: &impl Fn(&str),
+) -> Result<Tally, String> {
+    let valid = model.valid();
+    let mut pending = PendingTally::default();
+    let order = hylo_datasets::EpochOrder::new(data.val.len(), batch_size, 0, 0, false, false);
+    for batch in
+        hylo_datasets::loader::<B::InnerBackend>(batcher.clone(), order, batch_size, device).iter()
+    {
+        let batch = batch.map_err(|e| format!("validation: {e}"))?;
+        for bad in &batch.skipped {
+            log(&format!(
+                "validation sample skipped (--skip-bad-samples): {bad}"
+            ));
+        }
+        M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut pending);
+    }
+    let mut tally = Tally::default();
+    pending.flush(&mut tally);
+    Ok(tally)
+}

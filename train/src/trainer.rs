@@ -2,11 +2,9 @@
 //! [`Run::epoch`] of [`Run::step`]s with their log points, [`Run::end_epoch`] (validation,
 //! metrics, checkpoint) and [`Run::finish`], the one exit.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use hylo_datasets::{loader, Batch, EpochOrder, SampleBatcher};
 use hylo_optim::comm::{all_reduce_mean, average_buffers};
@@ -17,7 +15,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use crate::cli::TrainArgs;
 use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
-use crate::output::{self, MetricsRow, RefreshPoint, RunState};
+use crate::output::{self, restore_metrics, MetricsRow, RefreshPoint, RunState};
+pub use crate::task::validate;
 use crate::task::{PendingTally, Tally, TrainModel};
 pub use crate::watches::Stop;
 use crate::watches::{
@@ -586,7 +585,9 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
                 (val.loss(), val.score())
             }
         };
-        agree(setup.workers, &self.model, &|l: &str| setup.log(l))?;
+        setup
+            .workers
+            .agree::<B, M>(&self.model, &|l: &str| setup.log(l))?;
         if stop != Stop::Finished {
             setup.log(&format!(
                 "stopped ({stop:?}) at epoch {} step {}; checkpoint saved",
@@ -603,69 +604,4 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             reads_per_step: self.reads_per_step,
         })
     }
-}
-
-/// On resume: `metrics.csv` becomes the checkpoint's rows (a run killed after its checkpoint and
-/// before its metrics gets the missing row back; one killed before gets no duplicate). A
-/// checkpoint from before rows were saved keeps the file's first `epoch` rows.
-fn restore_metrics(out: &Path, state: &mut RunState, segments: bool) -> Result<(), String> {
-    let path = out.join("metrics.csv");
-    if state.rows.len() as u64 != state.epoch {
-        let mut rows = output::read_metrics(&path)?;
-        rows.truncate(state.epoch as usize);
-        if rows.len() as u64 != state.epoch {
-            return Err(format!(
-                "{}: {} rows, but the checkpoint is at epoch {}",
-                path.display(),
-                rows.len(),
-                state.epoch
-            ));
-        }
-        state.rows = rows;
-    }
-    output::write_metrics(&path, &state.rows, segments)
-}
-
-/// In a distributed run, checks that every rank ends with the same weights and logs it.
-fn agree<B: AutodiffBackend, M: AutodiffModule<B>>(
-    workers: &Workers,
-    model: &M,
-    log: &impl Fn(&str),
-) -> Result<(), String> {
-    if workers.distributed() {
-        let hash = workers.check_same_weights::<B, M>(model)?;
-        log(&format!(
-            "all {} ranks agree on the weights (bitwise hash {hash:016x})",
-            workers.size()
-        ));
-    }
-    Ok(())
-}
-
-/// Loss and score of `model` on the validation set (one host read at the end); a sample that
-/// cannot be read fails it with the file's name, unless the batcher skips such samples (then
-/// each is logged through `log`).
-pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
-    data: &DataSources,
-    batcher: &SampleBatcher,
-    model: &M,
-    batch_size: usize,
-    device: &B::Device,
-    log: &impl Fn(&str),
-) -> Result<Tally, String> {
-    let valid = model.valid();
-    let mut pending = PendingTally::default();
-    let order = EpochOrder::new(data.val.len(), batch_size, 0, 0, false, false);
-    for batch in loader::<B::InnerBackend>(batcher.clone(), order, batch_size, device).iter() {
-        let batch = batch.map_err(|e| format!("validation: {e}"))?;
-        for bad in &batch.skipped {
-            log(&format!(
-                "validation sample skipped (--skip-bad-samples): {bad}"
-            ));
-        }
-        M::evaluate(&valid, batch, data.volume_of.as_ref(), &mut pending);
-    }
-    let mut tally = Tally::default();
-    pending.flush(&mut tally);
-    Ok(tally)
 }

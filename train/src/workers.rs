@@ -142,3 +142,21 @@ impl<B: Backend> ModuleVisitor<B> for BitHash {
         }
     }
 }
+
+impl Workers {
+    /// In a distributed run, checks that every rank ends with the same weights and logs it.
+    pub fn agree<B: burn::tensor::backend::AutodiffBackend, M: burn::module::AutodiffModule<B>>(
+        &self,
+        model: &M,
+        log: &impl Fn(&str),
+    ) -> Result<(), String> {
+        if self.distributed() {
+            let hash = self.check_same_weights::<B, M>(model)?;
+            log(&format!(
+                "all {} ranks agree on the weights (bitwise hash {hash:016x})",
+                self.size()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -12,7 +12,9 @@ fn reads(flags: &str) -> Vec<u64> {
          --freq 4 --log-every 1000 {flags} --out {}",
         dir.path().display()
     );
-    let Some(Command::Classify(cmd)) = Cli::try_parse_from(line.split_whitespace()).unwrap().command
+    let Some(Command::Classify(cmd)) = Cli::try_parse_from(line.split_whitespace())
+        .unwrap()
+        .command
     else {
         unreachable!()
     };
@@ -47,7 +49,10 @@ fn a_training_run_reads_the_device_only_at_refreshes() {
                 s if !kfac && s % 4 == 0 => refresh as u64 + judged(s),
                 _ => 0,
             };
-            assert_eq!(r, expected, "{flags}: step {step} read {r} times, expected {expected}");
+            assert_eq!(
+                r, expected,
+                "{flags}: step {step} read {r} times, expected {expected}"
+            );
         }
     }
     // SGD reads nothing; neither does a fixed damping at the refresh beyond the matrices.

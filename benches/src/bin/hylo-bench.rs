@@ -55,6 +55,16 @@ struct Args {
     /// --json's path with a .csv extension.
     #[arg(long)]
     curvature_scale: bool,
+    /// Time whole training steps beside PyTorch's (`../shared/peer/torch_step.py`) instead:
+    /// ResNet-32 at batch 128 and the U-Net (32 features) at batch 4 on 128x128, with SGD,
+    /// K-FAC and HyLo.
+    #[arg(long)]
+    peer_steps: bool,
+    /// Time only the ResNet-32 training steps (at --step-batch, default 16) on --device, after a
+    /// whole untimed pass of the same steps (GPU backends compile and autotune their kernels on
+    /// first use).
+    #[arg(long)]
+    steps_only: bool,
     /// Time the CPU convolutions instead: Burn's Conv2d against CapturedConv2d's matrix
     /// products, forward and backward, per layer shape of ResNet-32 (batch 128), ResNet-50
     /// (batch 32 at 224x224; --quick: 64x64) and the U-Net (batch 4 at 128x128).
@@ -108,6 +118,10 @@ fn main() {
         conv_report(&args);
         return;
     }
+    if args.peer_steps {
+        peer_steps(&args);
+        return;
+    }
     if args.curvature_scale {
         if let Err(e) = curvature_scale(&args) {
             eprintln!("error: {e}");
@@ -123,7 +137,11 @@ fn main() {
         return;
     }
     let result: Result<(), String> = hylo_train::with_backend!(device, |B, dev| {
-        report::<B>(&args, &dev);
+        if args.steps_only {
+            steps_only::<B>(&args, &dev);
+        } else {
+            report::<B>(&args, &dev);
+        }
         Ok(())
     });
     if let Err(e) = result {
@@ -266,7 +284,7 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     }
 
     // 3: ResNet-32 steps.
-    let progress = bar(3 + 3 * (freq as u64 + 1), "ResNet-32 steps");
+    let progress = bar(5 + 3 * (freq as u64 + 1), "ResNet-32 steps");
     let steps = resnet32_steps::<B>(step_batch, freq, device, &progress);
     progress.finish_and_clear();
     let sgd = steps[0].amortised;
@@ -575,4 +593,63 @@ fn curvature_scale(args: &Args) -> Result<(), String> {
         markdown(&rows, 1.0)
     );
     Ok(())
+}
+
+/// `--peer-steps`: ResNet-32 and U-Net steps of SGD, K-FAC and HyLo on the CPU, to put beside
+/// `torch_step.py`'s.
+fn peer_steps(args: &Args) {
+    use hylo_benches::steps::{resnet32_steps, unet_steps};
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    let device = Default::default();
+    let pb = bar(5 + 3 * 14 + 5 + 2 * 11, "training steps");
+    let resnet = resnet32_steps::<B>(128, 13, &device, &pb);
+    let unet = unet_steps::<B>(4, 128, 32, &["sgd", "kfac", "hylo"], 10, &device, &pb);
+    pb.finish_and_clear();
+    let mut md = String::from(
+        "| model | optimizer | plain step (s) | refresh step (s) | amortised (s) |\n|---|---|---|---|---|\n",
+    );
+    for (model, rows) in [
+        ("ResNet-32, batch 128, refresh every 13", &resnet),
+        (
+            "U-Net (32 features), batch 4, 128x128, refresh every 10",
+            &unet,
+        ),
+    ] {
+        for t in rows.iter().filter(|t| t.optimizer != "sngd") {
+            md.push_str(&format!(
+                "| {model} | {} | {:.3} | {:.3} | {:.3} |\n",
+                t.optimizer, t.plain_step, t.refresh_step, t.amortised
+            ));
+        }
+    }
+    print!("{md}");
+    let json = serde_json::to_string_pretty(&(resnet, unet)).unwrap_or_default();
+    if let Err(e) = std::fs::write(&args.json, json) {
+        eprintln!("error: {}: {e}", args.json.display());
+    }
+}
+
+/// `--steps-only`: the ResNet-32 step table alone, timed on a second pass.
+fn steps_only<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
+    let batch = args.step_batch.unwrap_or(16);
+    let freq = 13;
+    let pb = bar(
+        2 * (5 + 3 * (freq as u64 + 1)),
+        "ResNet-32 steps (warm-up pass, then timed)",
+    );
+    let _warm_up = resnet32_steps::<B>(batch, freq, device, &pb);
+    let steps = resnet32_steps::<B>(batch, freq, device, &pb);
+    pb.finish_and_clear();
+    println!(
+        "| optimizer | refresh step (ms) | other steps (ms) | amortised (ms) |\n|---|---|---|---|"
+    );
+    for s in &steps {
+        println!(
+            "| {} | {} | {} | {} |",
+            s.optimizer,
+            ms(s.refresh_step),
+            ms(s.plain_step),
+            ms(s.amortised)
+        );
+    }
 }
