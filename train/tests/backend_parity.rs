@@ -185,22 +185,31 @@ fn updates(before: &[Vec<f32>], after: &[Vec<f32>]) -> Vec<Vec<f32>> {
 /// amplified by the damped inverses).
 const UPDATE_TOLERANCE: f64 = 5e-3;
 
+/// Root-mean-square difference per value below which two updates are rounding noise: a
+/// parameter whose gradient is zero up to rounding (a BatchNorm shift before a bias-free path
+/// moves by 1e-9 on one side and not at all on the other); any real update here is over 1e-5.
+const UPDATE_NOISE: f64 = 1e-7;
+
 /// Every tensor's update on the GPU against the CPU's, relative to the CPU's update.
 fn same_updates(kind: Kind, step: usize, cpu: &[Vec<f32>], gpu: &[Vec<f32>]) {
     assert_eq!(cpu.len(), gpu.len());
     for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
-        let norm = c.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-        if norm == 0.0 {
-            assert!(
-                g.iter().all(|v| *v == 0.0),
-                "{kind:?} step {step}: tensor {i} moved only on the GPU"
-            );
+        let diff = c
+            .iter()
+            .zip(g)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if diff <= UPDATE_NOISE * (c.len() as f64).sqrt() {
             continue;
         }
         let err = rel(g, c);
         assert!(
             err < UPDATE_TOLERANCE,
-            "{kind:?} step {step}: tensor {i}'s update differs by {err:e} of its size"
+            "{kind:?} step {step}: tensor {i}'s update differs by {err:e} of its size \
+             (CPU {:?}, GPU {:?})",
+            &c[..c.len().min(4)],
+            &g[..g.len().min(4)]
         );
     }
 }
@@ -691,6 +700,17 @@ fn directions<B: Backend>(
             ),
         ),
     ];
+    // KIS samples its rows from their squared norms, read to the host.
+    let weights = hylo_optim::host::read_f64(rows().squared_norms());
+    let kept = kis::sample_indices(&weights, kis::kept_rows(0.5, weights.len()), 3);
+    out.push(("kis rows", kept.iter().map(|&i| i as f32).collect()));
+    out.push(("kis weights", weights.iter().map(|&w| w as f32).collect()));
+    // K-FAC's factor of a 4608-wide patch is a 4609 x 4609 matrix: decomposing it with both
+    // methods on each side and applying it on lavapipe takes many minutes, so the widest
+    // layers check the low-rank methods only (K-FAC is checked on the 1152-wide case).
+    if d_in > 2048 {
+        return out;
+    }
     let (a, g) = kfac_factors(capture);
     out.push(("kfac A", host(a.clone())));
     out.push(("kfac G", host(g.clone())));
@@ -721,6 +741,13 @@ fn preconditioners_match<G: Backend>(device: G::Device) {
             12,
             ConvMode::Exact,
         ),
+        // ResNet-32 stage 3 at twice the width: 128->128 at 8x8 (1152-wide patches).
+        (
+            "conv 128 exact",
+            Some(([128, 128], [8, 8], 1)),
+            8,
+            ConvMode::Exact,
+        ),
         // ResNet-50 stage 4: 3x3 convolutions 512->512 at 7x7 (4608-wide patches).
         (
             "resnet50 stage 4",
@@ -738,11 +765,15 @@ fn preconditioners_match<G: Backend>(device: G::Device) {
     for (name, conv, n, mode) in cases {
         let cpu = directions(&layer_capture::<Flex>(conv, n, &Default::default()), mode);
         let gpu = directions(&layer_capture::<G>(conv, n, &device), mode);
-        for ((method, c), (_, g)) in cpu.iter().zip(&gpu) {
-            let err = rel(g, c);
+        let errors: Vec<(&str, f64)> = cpu
+            .iter()
+            .zip(&gpu)
+            .map(|((method, c), (_, g))| (*method, rel(g, c)))
+            .collect();
+        eprintln!("{name}: relative errors {errors:?}");
+        for (method, err) in errors {
             assert!(err <= 1e-3, "{name} {method}: relative error {err:e}");
         }
-        eprintln!("{name}: directions agree");
     }
 }
 
