@@ -44,6 +44,10 @@ struct Args {
     /// Seeds of the convergence benchmark.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
+    /// Convergence benchmark with each optimizer's defaults only (no grid): the comparison a
+    /// user who passes nothing but `--optim` gets, in a fifth of the time.
+    #[arg(long)]
+    defaults_only: bool,
     /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet,
     /// mnist-mlp, mnist-resnet20).
     #[arg(long, value_delimiter = ',')]
@@ -454,7 +458,9 @@ fn convergence(args: &Args) -> Result<(), String> {
     for task in &tasks {
         for optimizer in OPTIMIZERS {
             let mut settings = vec![Setting::DEFAULTS];
-            settings.extend(grid(optimizer, task.command == "segment"));
+            if !args.defaults_only {
+                settings.extend(grid(optimizer, task.command == "segment"));
+            }
             for setting in settings {
                 for seed in 0..args.seeds {
                     plan.push((task, optimizer, setting.clone(), seed));
