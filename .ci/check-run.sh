@@ -4,8 +4,10 @@
 #   summary_metric FILE          the validation metric of the summary line hylo-train printed
 #   summary_loss FILE            its validation loss
 #   check_summary FILE MIN       finite validation loss and a metric above MIN (chance)
-#   check_metrics DIR MIN        the same on the last row of DIR/metrics.csv, and a finite
-#                                training loss
+#   check_metrics DIR MIN [train] the same on the last row of DIR/metrics.csv, and a finite
+#                                training loss; with `train`, the training metric instead of the
+#                                validation one (a BatchNorm model after a few steps is judged in
+#                                evaluation mode by running statistics that have barely moved)
 #   check_close A B TOL          |A - B| <= TOL
 
 summary_metric() {
@@ -38,9 +40,13 @@ check_metrics() {
     local row loss metric
     row=$(tail -n 1 "$1/metrics.csv")
     loss=$(echo "$row" | cut -d, -f4)
-    metric=$(echo "$row" | cut -d, -f7)
+    if [ "${3:-}" = train ]; then
+        metric=$(echo "$row" | cut -d, -f5)
+    else
+        metric=$(echo "$row" | cut -d, -f7)
+    fi
     if ! finite "$loss" || ! finite "$metric" || ! above "$metric" "$2"; then
-        echo "$1/metrics.csv: last row '$row' (expected a finite training loss, metric > $2)" >&2
+        echo "$1/metrics.csv: last row '$row' (expected a finite training loss, ${3:-validation} metric > $2)" >&2
         return 1
     fi
 }

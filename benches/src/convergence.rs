@@ -382,13 +382,20 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
 pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
     let secs = |t: Option<f64>| t.map_or("not reached".to_string(), |t| format!("{t:.1} s"));
     let steps = |s: Option<u64>| s.map_or("-".to_string(), |s| s.to_string());
+    // Without grid runs (`--defaults-only`) the grid's columns are left out.
+    let grid = summaries.iter().any(|s| s.grid_diverged.1 > 0);
     let mut out = format!(
         "Every figure is the worst of {seeds} seeds: the lowest final and best validation metric \
          (accuracy, Dice for segmentation), the most steps and the slowest wall time to the target \
          (training and validation, checked after each epoch).\n\n\
          | task (target) | optimizer | defaults: final | best | steps to target | time to target | \
-         diverged | best grid point | its best | its time to target | grid runs diverged |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n"
+         diverged |{}\n|---|---|---|---|---|---|---|{}\n",
+        if grid {
+            " best grid point | its best | its time to target | grid runs diverged |"
+        } else {
+            ""
+        },
+        if grid { "---|---|---|---|" } else { "" }
     );
     for s in summaries {
         let target = tasks
@@ -396,7 +403,7 @@ pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
             .find(|t| t.name == s.task)
             .map_or(f64::NAN, |t| t.target);
         out.push_str(&format!(
-            "| {} ({:.0}%) | {} | {:.1}% | {:.1}% | {} | {} | {} | {} | {:.1}% | {} | {}/{} |\n",
+            "| {} ({:.0}%) | {} | {:.1}% | {:.1}% | {} | {} | {} |",
             s.task,
             100.0 * target,
             s.optimizer,
@@ -405,12 +412,18 @@ pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
             steps(s.defaults.steps),
             secs(s.defaults.time),
             s.defaults.diverged,
-            s.best_setting.label(),
-            100.0 * s.grid.best,
-            secs(s.grid.time),
-            s.grid_diverged.0,
-            s.grid_diverged.1
         ));
+        if grid {
+            out.push_str(&format!(
+                " {} | {:.1}% | {} | {}/{} |",
+                s.best_setting.label(),
+                100.0 * s.grid.best,
+                secs(s.grid.time),
+                s.grid_diverged.0,
+                s.grid_diverged.1
+            ));
+        }
+        out.push('\n');
     }
     out
 }
@@ -489,6 +502,13 @@ mod tests {
             ),
             "{table}"
         );
+        // Defaults only: no grid columns.
+        let table = markdown(&summarize(&results[..2]), &[], 2);
+        assert!(
+            table.contains("| hylo | 84.0% | 85.0% | 60 | 6.0 s | 0 |\n"),
+            "{table}"
+        );
+        assert!(!table.contains("grid"), "{table}");
     }
 
     #[test]
