@@ -312,6 +312,19 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         Ok(())
     }
 
+    /// The model's validation tally on this rank's validation set.
+    fn validate(&self) -> Result<Tally, String> {
+        let setup = self.setup;
+        validate::<B, M>(
+            setup.data,
+            &self.val_batcher,
+            &self.model,
+            setup.args.batch_size as usize,
+            setup.device,
+            &|l: &str| setup.log(l),
+        )
+    }
+
     fn wall(&self) -> f64 {
         self.wall_before + self.started.elapsed().as_secs_f64()
     }
@@ -471,14 +484,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// `metrics.csv` and the curves, and starts the next epoch.
     pub fn end_epoch(&mut self) -> Result<(), String> {
         let setup = self.setup;
-        let val = validate::<B, M>(
-            setup.data,
-            &self.val_batcher,
-            &self.model,
-            setup.args.batch_size as usize,
-            setup.device,
-            &|l: &str| setup.log(l),
-        )?;
+        let val = self.validate()?;
         if setup.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
             let t = &mut self.state.train;
@@ -574,14 +580,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let final_val = match self.last_val {
             Some(val) => val,
             None => {
-                let val = validate::<B, M>(
-                    setup.data,
-                    &self.val_batcher,
-                    &self.model,
-                    setup.args.batch_size as usize,
-                    setup.device,
-                    &|l: &str| setup.log(l),
-                )?;
+                let val = self.validate()?;
                 (val.loss(), val.score())
             }
         };
