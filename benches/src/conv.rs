@@ -7,6 +7,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{Distribution, Tensor};
 use hylo_optim::capture::LayerGeometry;
+use hylo_optim::gemm_conv::ConvPath;
 use hylo_optim::{CaptureHandle, CapturedConv2d};
 use serde::Serialize;
 
@@ -32,9 +33,22 @@ pub struct ConvTiming {
     pub gemm_forward: f64,
     /// `CapturedConv2d`: backward.
     pub gemm_backward: f64,
-    /// Scratch memory of the matrix-product form per worker thread (bytes): one sample's phase
-    /// images and wide output (no unfolded patches).
+    /// Scratch memory of the matrix-product form per worker task (bytes): one sample's phase
+    /// images and their gradient, the wide output and the gradient accumulators (no unfolded
+    /// patches).
     pub scratch_bytes: usize,
+    /// Which implementation `CapturedConv2d` ran (`gemm`, or `burn` for the shapes routed to
+    /// Burn's kernel).
+    pub path: String,
+    /// The largest relative error of ours against Burn's (output, input and weight gradients).
+    pub max_rel_err: f64,
+}
+
+/// `|a - b| / |b|` over whole buffers.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
 }
 
 impl ConvTiming {
@@ -97,6 +111,27 @@ pub fn time_conv(case: &LayerCase, n: usize, repeats: usize) -> ConvTiming {
         });
         (fwd, (total - fwd).max(0.0))
     };
+    // The results first: ours against Burn's, output and both gradients.
+    let results = |forward: &dyn Fn() -> Tensor<B, 4>| {
+        let y = forward();
+        let grads = (y.clone() * y.clone()).sum().backward();
+        let flat = |t: Tensor<burn::backend::Flex, 4>| -> Vec<f32> {
+            t.into_data().to_vec().expect("f32")
+        };
+        [
+            flat(y.inner()),
+            flat(x.grad(&grads).expect("input gradient")),
+            flat(weight.grad(&grads).expect("weight gradient")),
+        ]
+    };
+    let expected = results(&|| conv.forward(x.clone()));
+    let got = results(&|| ours.forward(x.clone()));
+    let path = hylo_optim::gemm_conv::last_path().unwrap_or(ConvPath::Burn);
+    let max_rel_err = expected
+        .iter()
+        .zip(&got)
+        .map(|(e, g)| rel_err(g, e))
+        .fold(0.0, f64::max);
     let (burn_forward, burn_backward) = time(&|| conv.forward(x.clone()));
     let (gemm_forward, gemm_backward) = time(&|| ours.forward(x.clone()));
     let LayerGeometry::Conv2d {
@@ -116,8 +151,11 @@ pub fn time_conv(case: &LayerCase, n: usize, repeats: usize) -> ConvTiming {
         stride,
         dilation,
         padding,
-    );
+    )
+    .expect("a model's convolution");
     ConvTiming {
+        path: format!("{path:?}").to_lowercase(),
+        max_rel_err,
         shape: case.shape.clone(),
         count: case.count,
         input,
@@ -134,7 +172,7 @@ pub fn markdown(title: &str, timings: &[ConvTiming]) -> String {
     let ms = |s: f64| format!("{:.1}", s * 1e3);
     let mut out = format!(
         "#### {title}\n\n| shape | layers | input | Burn fwd | Burn bwd | ours fwd | ours bwd | \
-         speed-up | scratch/thread |\n|---|---|---|---|---|---|---|---|---|\n"
+         speed-up | scratch/task | path | error vs Burn |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     let mut totals = [0.0; 4];
     for t in timings {
@@ -144,7 +182,7 @@ pub fn markdown(title: &str, timings: &[ConvTiming]) -> String {
         totals[2] += k * t.gemm_forward;
         totals[3] += k * t.gemm_backward;
         out.push_str(&format!(
-            "| {} | {} | {:?} | {} | {} | {} | {} | {:.2}x | {:.0} KB |\n",
+            "| {} | {} | {:?} | {} | {} | {} | {} | {:.2}x | {:.0} KB | {} | {:.1e} |\n",
             t.shape,
             t.count,
             t.input,
@@ -153,11 +191,13 @@ pub fn markdown(title: &str, timings: &[ConvTiming]) -> String {
             ms(t.gemm_forward),
             ms(t.gemm_backward),
             t.speedup(),
-            t.scratch_bytes as f64 / 1024.0
+            t.scratch_bytes as f64 / 1024.0,
+            t.path,
+            t.max_rel_err
         ));
     }
     out.push_str(&format!(
-        "| all layers (x count) | | | {} | {} | {} | {} | {:.2}x | |\n",
+        "| all layers (x count) | | | {} | {} | {} | {} | {:.2}x | | | |\n",
         ms(totals[0]),
         ms(totals[1]),
         ms(totals[2]),

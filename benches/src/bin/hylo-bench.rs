@@ -572,6 +572,25 @@ fn conv_report(args: &Args) {
     ) {
         eprintln!("error: {}: {e}", args.json.display());
     }
+    // Timings of wrong results mean nothing: every layer must agree with Burn's.
+    let wrong: Vec<String> = all
+        .iter()
+        .flat_map(|(title, timings)| timings.iter().map(move |t| (title, t)))
+        .filter(|(_, t)| !(t.max_rel_err < 1e-4))
+        .map(|(title, t)| {
+            format!(
+                "{title}: {} (relative error {:.1e})",
+                t.shape, t.max_rel_err
+            )
+        })
+        .collect();
+    if !wrong.is_empty() {
+        eprintln!(
+            "error: the matrix-product convolution disagrees with Burn's on {}",
+            wrong.join("; ")
+        );
+        std::process::exit(1);
+    }
 }
 
 fn rayon_threads() -> usize {

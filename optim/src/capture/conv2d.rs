@@ -86,6 +86,7 @@ impl<B: Backend> CapturedConv2d<B> {
             stride,
             dilation,
             padding,
+            groups: self.inner.groups,
         };
         let bias = self.inner.bias.as_ref().map(|b| b.val());
         match crate::gemm_conv::conv2d(input, self.inner.weight.val(), bias, settings) {

@@ -45,18 +45,41 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
-    /// The shape of a convolution of an `[n, c, h, w]` input with a `[co, c, kh, kw]` kernel.
+    /// The shape of a convolution of an `[n, c, h, w]` input with a `[co, c, kh, kw]` kernel, or
+    /// why there is none: the weight's input channels differ from the input's, a size, stride or
+    /// dilation is zero, or the dilated kernel is larger than the padded input.
     pub fn new(
         input: [usize; 4],
         weight: [usize; 4],
         stride: [usize; 2],
         dilation: [usize; 2],
         padding: [usize; 4],
-    ) -> Self {
+    ) -> Result<Self, String> {
         let [n, c, h, w] = input;
-        let [co, _, kh, kw] = weight;
+        let [co, ci, kh, kw] = weight;
+        if ci != c {
+            return Err(format!(
+                "a weight of {ci} input channels ({weight:?}) on an input of {c} ({input:?})"
+            ));
+        }
+        if input.contains(&0) || weight.contains(&0) || stride.contains(&0) || dilation.contains(&0)
+        {
+            return Err(format!(
+                "a zero size: input {input:?}, weight {weight:?}, stride {stride:?}, dilation \
+                 {dilation:?}"
+            ));
+        }
         let span = |k: usize, d: usize| d * (k - 1) + 1;
         let padded = [h + padding[0] + padding[1], w + padding[2] + padding[3]];
+        if padded[0] < span(kh, dilation[0]) || padded[1] < span(kw, dilation[1]) {
+            return Err(format!(
+                "a dilated kernel of {}x{} does not fit the padded input of {}x{}",
+                span(kh, dilation[0]),
+                span(kw, dilation[1]),
+                padded[0],
+                padded[1]
+            ));
+        }
         let out = [
             (padded[0] - span(kh, dilation[0])) / stride[0] + 1,
             (padded[1] - span(kw, dilation[1])) / stride[1] + 1,
@@ -67,7 +90,7 @@ impl ConvShape {
             (padded[0].div_ceil(stride[0])).max(out[0] + (dilation[0] * (kh - 1)) / stride[0] + 1);
         let cols =
             (padded[1].div_ceil(stride[1])).max(out[1] + (dilation[1] * (kw - 1)) / stride[1]);
-        Self {
+        Ok(Self {
             n,
             c,
             co,
@@ -78,13 +101,35 @@ impl ConvShape {
             padding,
             out,
             phase_hw: [rows, cols],
-        }
+        })
     }
 
-    /// Scratch memory of one worker thread (bytes): a sample's phase images and their
-    /// gradient, and its wide output.
+    /// Scratch memory of one worker task (bytes): a sample's phase images and their gradient,
+    /// its wide output, and in the backward pass the task's weight- and bias-gradient
+    /// accumulators (the reduction holds a second pair while it adds two tasks' sums).
     pub fn scratch_bytes(&self) -> usize {
-        4 * (2 * self.sample_len() + self.co * self.wide_len())
+        let accumulators = self.co * self.c * self.kernel[0] * self.kernel[1] + self.co;
+        4 * (2 * self.sample_len() + self.co * self.wide_len() + 2 * accumulators)
+    }
+
+    /// Floats of the input `[n, c, h, w]`.
+    pub fn input_len(&self) -> usize {
+        self.n * self.c * self.hw[0] * self.hw[1]
+    }
+
+    /// Floats of the weight `[co, c, kh, kw]`.
+    pub fn weight_len(&self) -> usize {
+        self.co * self.c * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Floats of the output `[n, co, oh, ow]`.
+    pub fn output_len(&self) -> usize {
+        self.n * self.co * self.out[0] * self.out[1]
+    }
+
+    /// The same convolution restricted to `c` input channels (a block of them).
+    fn with_channels(&self, c: usize) -> Self {
+        Self { c, ..self.clone() }
     }
 
     fn phases(&self) -> usize {
@@ -231,9 +276,31 @@ fn samples_per_task(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads()).max(1)
 }
 
+/// Blocks each sample's work is split into so that every thread has some when the batch is
+/// smaller than the thread count (1 otherwise), at most `limit`.
+fn blocks_per_sample(n: usize, limit: usize) -> usize {
+    rayon::current_num_threads()
+        .div_ceil(n)
+        .clamp(1, limit.max(1))
+}
+
+/// Checks the buffers' lengths against `shape` (the kernels read them through raw pointers).
+fn check_lengths(shape: &ConvShape, x: usize, weight: usize, other: (&str, usize, usize)) {
+    assert_eq!(x, shape.input_len(), "input length for {shape:?}");
+    assert_eq!(weight, shape.weight_len(), "weight length for {shape:?}");
+    let (what, got, expected) = other;
+    assert_eq!(got, expected, "{what} length for {shape:?}");
+}
+
 /// The convolution of `x` `[n, c, h, w]` with `weight` `[co, c, kh, kw]` plus `bias` `[co]`:
-/// `[n, co, oh, ow]`.
+/// `[n, co, oh, ow]`. Panics when a buffer's length does not fit `shape`.
 pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    check_lengths(
+        shape,
+        x.len(),
+        weight.len(),
+        ("bias", bias.map_or(shape.co, <[f32]>::len), shape.co),
+    );
     let [oh, ow] = shape.out;
     let (wide, wq, kk) = (
         shape.wide_len(),
@@ -241,42 +308,63 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]
         shape.kernel[0] * shape.kernel[1],
     );
     let windows = shape.windows();
+    // Output channels per task: all of them, or a block when the batch leaves threads idle.
+    let blocks = blocks_per_sample(shape.n, shape.co);
+    let per_task = shape.co.div_ceil(blocks);
     let mut out = vec![0.0f32; shape.n * shape.co * oh * ow];
-    out.par_chunks_mut(shape.co * oh * ow)
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(shape.co * oh * ow)
         .enumerate()
-        .with_min_len(samples_per_task(shape.n))
+        .flat_map(|(b, out_b)| {
+            out_b
+                .chunks_mut(per_task * oh * ow)
+                .enumerate()
+                .map(move |(k, block)| (b, k * per_task, block))
+        })
+        .collect();
+    tasks
+        .into_par_iter()
+        .with_min_len(if blocks > 1 {
+            1
+        } else {
+            samples_per_task(shape.n)
+        })
         .for_each_init(
             || {
                 (
                     vec![0.0f32; shape.sample_len()],
-                    vec![0.0f32; shape.co * wide],
+                    vec![0.0f32; per_task * wide],
                 )
             },
-            |(phases, y), (b, out_b)| {
+            |(phases, y), (b, co0, out_block)| {
+                let rows = out_block.len() / (oh * ow);
                 shape.phase_images(x, b, phases);
                 for (i, &(u, v, start)) in windows.iter().enumerate() {
-                    // SAFETY: W_uv is `[co, c]` inside `weight` (row stride c kk, column stride kk);
-                    // the window `[c, oh Wq]` starts at `start` with row stride `Hq Wq` and ends
-                    // inside the sample's phase buffer (`ConvShape::new` sizes it); `y` is its own
-                    // `[co, oh Wq]` buffer.
+                    // SAFETY: W_uv's rows co0..co0 + rows are `[rows, c]` inside `weight` (row
+                    // stride c kk, column stride kk); the window `[c, oh Wq]` starts at `start`
+                    // with row stride `Hq Wq` and ends inside the sample's phase buffer
+                    // (`ConvShape::new` sizes it); `y` is its own buffer of at least
+                    // `[rows, oh Wq]`.
                     unsafe {
                         gemm(
-                            [shape.co, wide, shape.c],
+                            [rows, wide, shape.c],
                             y.as_mut_ptr(),
                             [wide as isize, 1],
                             i > 0,
-                            weight.as_ptr().add(u * shape.kernel[1] + v),
+                            weight
+                                .as_ptr()
+                                .add(co0 * shape.c * kk + u * shape.kernel[1] + v),
                             [(shape.c * kk) as isize, kk as isize],
                             phases.as_ptr().add(start),
                             [shape.phase_len() as isize, 1],
                         );
                     }
                 }
-                for co in 0..shape.co {
-                    let b_co = bias.map_or(0.0, |bias| bias[co]);
+                for o in 0..rows {
+                    let b_co = bias.map_or(0.0, |bias| bias[co0 + o]);
                     for r in 0..oh {
-                        let src = &y[co * wide + r * wq..][..ow];
-                        let dst = &mut out_b[(co * oh + r) * ow..][..ow];
+                        let src = &y[o * wide + r * wq..][..ow];
+                        let dst = &mut out_block[(o * oh + r) * ow..][..ow];
                         for (d, s) in dst.iter_mut().zip(src) {
                             *d = s + b_co;
                         }
@@ -292,7 +380,28 @@ pub type ConvGradients = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// Gradients of the convolution for the output gradient `dy` `[n, co, oh, ow]`: the input's
 /// `[n, c, h, w]`, the weight's `[co, c, kh, kw]` and the bias's `[co]`, each when asked for.
+/// Panics when a buffer's length does not fit `shape`.
 pub fn backward(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    want: [bool; 3],
+) -> ConvGradients {
+    check_lengths(
+        shape,
+        x.len(),
+        weight.len(),
+        ("output gradient", dy.len(), shape.output_len()),
+    );
+    if blocks_per_sample(shape.n, shape.co.min(shape.c)) > 1 {
+        return backward_split(shape, x, weight, dy, want);
+    }
+    backward_by_sample(shape, x, weight, dy, want)
+}
+
+/// `backward` with one task per group of samples (each with its own accumulators).
+fn backward_by_sample(
     shape: &ConvShape,
     x: &[f32],
     weight: &[f32],
@@ -301,11 +410,7 @@ pub fn backward(
 ) -> ConvGradients {
     let [oh, ow] = shape.out;
     let [h, w] = shape.hw;
-    let (wide, wq, kk) = (
-        shape.wide_len(),
-        shape.phase_hw[1],
-        shape.kernel[0] * shape.kernel[1],
-    );
+    let (wide, kk) = (shape.wide_len(), shape.kernel[0] * shape.kernel[1]);
     let (c, co) = (shape.c, shape.co);
     let windows = shape.windows();
     let weight_len = co * c * kk;
@@ -316,14 +421,7 @@ pub fn backward(
                   acc: &mut (Vec<f32>, Vec<f32>),
                   scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
         let (phases, dy_wide, dphases) = scratch;
-        // The output gradient laid out wide, zero in the unused columns.
-        dy_wide.fill(0.0);
-        for o in 0..co {
-            for r in 0..oh {
-                dy_wide[o * wide + r * wq..][..ow]
-                    .copy_from_slice(&dy[((b * co + o) * oh + r) * ow..][..ow]);
-            }
-        }
+        wide_output_gradient(shape, dy, b, 0, co, dy_wide);
         if want_db {
             for o in 0..co {
                 acc.1[o] += dy[(b * co + o) * oh * ow..][..oh * ow].iter().sum::<f32>();
@@ -417,4 +515,121 @@ pub fn backward(
             .reduce(zero_acc, add),
     };
     (dx, want_dw.then_some(dw), want_db.then_some(db))
+}
+
+/// Sample `b`'s output gradient, rows `co0..co0 + rows`, laid out wide (`[rows, oh Wq]`, zero in
+/// the unused columns).
+fn wide_output_gradient(
+    shape: &ConvShape,
+    dy: &[f32],
+    b: usize,
+    co0: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let [oh, ow] = shape.out;
+    let (wide, wq) = (shape.wide_len(), shape.phase_hw[1]);
+    out.fill(0.0);
+    for o in 0..rows {
+        for r in 0..oh {
+            out[o * wide + r * wq..][..ow]
+                .copy_from_slice(&dy[((b * shape.co + co0 + o) * oh + r) * ow..][..ow]);
+        }
+    }
+}
+
+/// `backward` for batches smaller than the thread count: the weight and bias gradients by
+/// blocks of output channels (each task sums every sample for its rows: no reduction), the
+/// input gradient by sample and block of input channels.
+fn backward_split(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    [want_dx, want_dw, want_db]: [bool; 3],
+) -> ConvGradients {
+    let [oh, ow] = shape.out;
+    let [h, w] = shape.hw;
+    let (c, co) = (shape.c, shape.co);
+    let (wide, kk) = (shape.wide_len(), shape.kernel[0] * shape.kernel[1]);
+    let windows = shape.windows();
+    let mut dw = want_dw.then(|| vec![0.0f32; shape.weight_len()]);
+    let db = want_db.then(|| {
+        (0..co)
+            .map(|o| {
+                (0..shape.n)
+                    .map(|b| dy[(b * co + o) * oh * ow..][..oh * ow].iter().sum::<f32>())
+                    .sum()
+            })
+            .collect::<Vec<f32>>()
+    });
+    if let Some(dw) = dw.as_mut() {
+        let per_task = co.div_ceil(rayon::current_num_threads().min(co));
+        dw.par_chunks_mut(per_task * c * kk)
+            .enumerate()
+            .for_each(|(k, dw_block)| {
+                let (co0, rows) = (k * per_task, dw_block.len() / (c * kk));
+                let mut phases = vec![0.0f32; shape.sample_len()];
+                let mut dy_wide = vec![0.0f32; rows * wide];
+                for b in 0..shape.n {
+                    shape.phase_images(x, b, &mut phases);
+                    wide_output_gradient(shape, dy, b, co0, rows, &mut dy_wide);
+                    for &(u, v, start) in &windows {
+                        // SAFETY: dW_uv's rows co0.. are `[rows, c]` inside this task's block of
+                        // the `[co, c, kh, kw]` gradient; dY_wide is `[rows, oh Wq]`; X_uv^T is
+                        // `[oh Wq, c]` read from the window (see `forward`).
+                        unsafe {
+                            gemm(
+                                [rows, c, wide],
+                                dw_block.as_mut_ptr().add(u * shape.kernel[1] + v),
+                                [(c * kk) as isize, kk as isize],
+                                true,
+                                dy_wide.as_ptr(),
+                                [wide as isize, 1],
+                                phases.as_ptr().add(start),
+                                [1, shape.phase_len() as isize],
+                            );
+                        }
+                    }
+                }
+            });
+    }
+    let dx = want_dx.then(|| {
+        let mut dx = vec![0.0f32; shape.input_len()];
+        let per_task = c.div_ceil(blocks_per_sample(shape.n, c));
+        dx.par_chunks_mut(c * h * w)
+            .enumerate()
+            .flat_map(|(b, dx_b)| {
+                dx_b.par_chunks_mut(per_task * h * w)
+                    .enumerate()
+                    .map(move |(k, block)| (b, k * per_task, block))
+            })
+            .for_each(|(b, c0, dx_block)| {
+                let sub = shape.with_channels(dx_block.len() / (h * w));
+                let sub_windows = sub.windows();
+                let mut dy_wide = vec![0.0f32; co * wide];
+                wide_output_gradient(shape, dy, b, 0, co, &mut dy_wide);
+                let mut dphases = vec![0.0f32; sub.sample_len()];
+                for &(u, v, start) in &sub_windows {
+                    // SAFETY: W_uv^T's rows c0..c0 + sub.c are `[sub.c, co]` inside `weight`
+                    // (row stride kk, column stride c kk); the window `[sub.c, oh Wq]` of this
+                    // block's phase gradient is inside its own buffer (sized by `sub`).
+                    unsafe {
+                        gemm(
+                            [sub.c, wide, co],
+                            dphases.as_mut_ptr().add(start),
+                            [sub.phase_len() as isize, 1],
+                            true,
+                            weight.as_ptr().add(c0 * kk + u * shape.kernel[1] + v),
+                            [kk as isize, (c * kk) as isize],
+                            dy_wide.as_ptr(),
+                            [wide as isize, 1],
+                        );
+                    }
+                }
+                sub.gradient_of_phase_images(&dphases, dx_block);
+            });
+        dx
+    });
+    (dx, dw, db)
 }

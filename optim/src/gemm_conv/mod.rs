@@ -42,6 +42,39 @@ pub struct ConvSettings {
     pub dilation: [usize; 2],
     /// Padding `[top, bottom, left, right]`.
     pub padding: [usize; 4],
+    /// Groups (only 1 is computed here; others go to Burn's convolution).
+    pub groups: usize,
+}
+
+/// Which implementation ran a convolution of [`conv2d`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// The matrix products of this module.
+    Gemm,
+    /// Burn's convolution: another backend, another dtype, groups, a shape the matrix products
+    /// refuse (Burn reports it) or one where Burn's kernel is faster.
+    Burn,
+}
+
+thread_local! {
+    static LAST_PATH: std::cell::Cell<Option<ConvPath>> = const { std::cell::Cell::new(None) };
+}
+
+/// The path of the last [`conv2d`] call on this thread (for tests and benchmarks: a silent
+/// fallback would otherwise compare Burn with Burn).
+pub fn last_path() -> Option<ConvPath> {
+    LAST_PATH.with(std::cell::Cell::get)
+}
+
+fn record_path(path: ConvPath) {
+    LAST_PATH.with(|p| p.set(Some(path)));
+}
+
+/// Shapes where Burn's own CPU kernel is faster than the matrix products (measured with
+/// `hylo-bench --conv`: 3x3 kernels over 256 channels or more on outputs of 8x8 or less ran at
+/// 0.77-0.79 of Burn's speed).
+pub fn prefers_burn(shape: &ConvShape) -> bool {
+    shape.kernel[0] * shape.kernel[1] > 1 && shape.c >= 256 && shape.out[0] * shape.out[1] <= 64
 }
 
 /// `t` as a contiguous f32 tensor (no copy when it already is one); `None` for other dtypes.
@@ -58,28 +91,46 @@ fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-fn shape_of(x: &FlexTensor, weight: &FlexTensor, settings: ConvSettings) -> ConvShape {
-    let dims = |t: &FlexTensor| -> [usize; 4] {
+fn shape_of(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    settings: ConvSettings,
+) -> Result<ConvShape, String> {
+    let dims = |t: &FlexTensor| -> Option<[usize; 4]> {
         let s = t.layout().shape();
-        [s[0], s[1], s[2], s[3]]
+        (s.len() == 4).then(|| [s[0], s[1], s[2], s[3]])
+    };
+    let (Some(x), Some(weight)) = (dims(x), dims(weight)) else {
+        return Err("not 4-D tensors".into());
     };
     ConvShape::new(
-        dims(x),
-        dims(weight),
+        x,
+        weight,
         settings.stride,
         settings.dilation,
         settings.padding,
     )
 }
 
-/// The forward pass on Flex tensors; `None` when they are not f32.
+/// The forward pass on Flex tensors; `None` when they are not f32, the shapes do not make a
+/// convolution the matrix products compute, or Burn's kernel is faster for them.
 fn forward_flex(
     x: &FlexTensor,
     weight: &FlexTensor,
     bias: Option<&FlexTensor>,
     settings: ConvSettings,
 ) -> Option<FlexTensor> {
-    let shape = shape_of(x, weight, settings);
+    if settings.groups != 1 {
+        return None;
+    }
+    let shape = shape_of(x, weight, settings).ok()?;
+    if prefers_burn(&shape) {
+        return None;
+    }
+    let bias_len = bias.map(|b| b.layout().shape().to_vec());
+    if bias_len.is_some_and(|l| l != [shape.co]) {
+        return None;
+    }
     let (x, weight) = (contiguous_f32(x)?, contiguous_f32(weight)?);
     let bias = match bias {
         Some(b) => Some(contiguous_f32(b)?),
@@ -105,7 +156,7 @@ type ConvState = (FlexTensor, FlexTensor, ConvSettings);
 fn gradients<const N: usize>(ops: Ops<ConvState, N>, grads: &mut Gradients) {
     let dy = grads.consume::<Flex>(&ops.node);
     let (x, weight, settings) = ops.state;
-    let shape = shape_of(&x, &weight, settings);
+    let shape = shape_of(&x, &weight, settings).expect("checked in the forward pass");
     let want = [0, 1, 2].map(|i| i < N && ops.parents[i].is_some());
     let [x, weight, dy] =
         [&x, &weight, &dy].map(|t| contiguous_f32(t).expect("f32, checked in the forward pass"));
@@ -199,12 +250,17 @@ pub fn conv2d<B: Backend>(
     settings: ConvSettings,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>)> {
     let (x, weight, bias) =
-        cast::<_, (Tensor<Ad, 4>, Tensor<Ad, 4>, Option<Tensor<Ad, 1>>)>((x, weight, bias))?;
+        cast::<_, (Tensor<Ad, 4>, Tensor<Ad, 4>, Option<Tensor<Ad, 1>>)>((x, weight, bias))
+            .inspect_err(|_| record_path(ConvPath::Burn))?;
     let kept = (x.clone(), weight.clone(), bias.clone());
     match forward_autodiff(x, weight, bias, settings) {
         Some(y) => {
+            record_path(ConvPath::Gemm);
             Ok(cast::<_, Tensor<B, 4>>(y).unwrap_or_else(|_| unreachable!("B is Autodiff<Flex>")))
         }
-        None => Err(cast(kept).unwrap_or_else(|_| unreachable!("B is Autodiff<Flex>"))),
+        None => {
+            record_path(ConvPath::Burn);
+            Err(cast(kept).unwrap_or_else(|_| unreachable!("B is Autodiff<Flex>")))
+        }
     }
 }
