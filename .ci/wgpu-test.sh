@@ -6,11 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/check-run.sh
+# The parity suite's tests on one backend (train/tests/backend_parity.rs, module `wgpu`).
+EXPECTED_PARITY_TESTS=5
 export CI="${CI:-1}"
 # Mesa wants a runtime directory; without one it prints an error on every start.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 vulkaninfo --summary 2>/dev/null | grep -E "deviceName|driverName" || true
 
+# A `cfg` or feature typo would leave zero tests to run, which passes: count them first.
+parity_tests=$(cargo test -p hylo-train --features wgpu --test backend_parity -- --list 2>/dev/null \
+    | grep -c ': test$' || true)
+if [ "$parity_tests" -ne "$EXPECTED_PARITY_TESTS" ]; then
+    echo "backend_parity lists $parity_tests tests on wgpu, expected $EXPECTED_PARITY_TESTS" >&2
+    exit 1
+fi
 timeout 1800 cargo test -p hylo-train --features wgpu --test backend_parity
 cargo build -p hylo-train -p hylo-benches --features hylo-benches/wgpu
 BIN=target/debug/hylo-train
