@@ -28,9 +28,10 @@ pub struct StepTiming {
     pub plain_step: f64,
     /// Mean seconds per step amortised over the refresh period.
     pub amortised: f64,
-    /// Blocking device-to-host reads of the optimizer step that refreshes (`hylo_optim::host`).
+    /// Blocking device-to-host reads of the whole step that refreshes (forward, backward and the
+    /// optimizer; `hylo_optim::host`).
     pub reads_refresh_step: u64,
-    /// Blocking device-to-host reads of each other optimizer step (the most of any of them).
+    /// Blocking device-to-host reads of each other whole step (the most of any of them).
     pub reads_plain_step: u64,
 }
 
@@ -133,9 +134,10 @@ where
         let mut reads = Vec::new();
         let mut step = |m: M, opt: &mut dyn FnMut(M, GradientsParams) -> M| {
             let start = Instant::now();
+            // The whole step's reads: forward, backward and the optimizer.
+            let before = hylo_optim::host::reads();
             let loss = loss_of(&m);
             let grads = capture.gradients(loss.backward(), &m);
-            let before = hylo_optim::host::reads();
             let m = opt(m, grads);
             reads.push(hylo_optim::host::reads() - before);
             // Wait for the device (a one-sample forward pass: the timing's own synchronisation).

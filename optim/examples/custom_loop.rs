@@ -2,6 +2,7 @@
 //! one shared `CaptureHandle`, and a plain training loop with the default recipe (SGD's step
 //! size grafted onto the natural-gradient direction, adaptive damping). Run with
 //! `cargo run -p hylo-optim --example custom_loop`.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;

@@ -341,6 +341,7 @@ pub fn kfac_factors<B: Backend>(capture: &LayerCapture<B>) -> (Tensor<B, 2>, Ten
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests read freely.
 mod tests {
     use super::*;
     use burn::backend::Flex;

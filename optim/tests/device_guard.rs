@@ -1,5 +1,6 @@
 //! What a step reads from the device, and the device-side decisions that replace host reads:
 //! the NaN guard, the fallback of a non-finite direction, a failed refresh, and KL clipping.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

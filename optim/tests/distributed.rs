@@ -2,6 +2,7 @@
 //! MPI communicator runs the same code under `mpirun`, checked by `.ci/run`): one step of SGD,
 //! SNGD and K-FAC equals a single process on the union of the shards; HyLo's workers agree bit
 //! for bit; the bytes moved follow ALGORITHMS.md.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! (batches larger and smaller than the thread count). Each check asserts which implementation
 //! ran, so a silent fallback to Burn cannot pass as agreement; shapes the matrix products cannot
 //! compute go to Burn, which reports them.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

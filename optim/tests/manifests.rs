@@ -1,6 +1,7 @@
 //! What a project that depends on the library gets from its manifests: any Burn 0.21 release
 //! (not one exact patch), no Burn features the library does not use, the fast CPU backend by
 //! default, and a dev profile without dependencies' debug checks (the demo is timed with it).
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 fn manifest(path: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);

@@ -1,4 +1,5 @@
 //! The optimizers as Burn optimizers: wrappers, records, the NaN guard, and training.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! K-FAC against the dense Kronecker product, and HyLo's KID/KIS in their exact limits.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! SNGD directions against the dense damped empirical Fisher built from per-sample gradients
 //! obtained by running each sample alone through backward.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 
 mod common;
 

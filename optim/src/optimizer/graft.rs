@@ -55,6 +55,7 @@ impl std::str::FromStr for Graft {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests read freely.
 mod tests {
     use super::*;
     use burn::backend::Flex;

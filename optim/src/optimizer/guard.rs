@@ -74,6 +74,7 @@ pub fn count_skips<B: Backend>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests read freely.
 mod tests {
     use super::*;
     use burn::backend::Flex;

@@ -1,4 +1,5 @@
 //! Shared helpers of the optimizer tests: backend, deterministic data, dense oracles.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 #![allow(dead_code)]
 
 use burn::backend::{Autodiff, Flex};

@@ -1,4 +1,5 @@
 //! Small models built from the capture wrappers, and a fixed synthetic problem.
+#![allow(clippy::disallowed_methods)] // Tests and examples read the device freely.
 #![allow(dead_code)]
 
 use burn::module::Module;
