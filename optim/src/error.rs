@@ -43,3 +43,29 @@ pub enum ConfigError {
     #[error("unsupported layer: {0}")]
     Unsupported(String),
 }
+
+/// Why a natural-gradient optimizer stopped training.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum TrainingError {
+    /// Adaptive damping rejected this many curvature periods in a row (the loss of each
+    /// period's first batch blew up although every retry took a shorter, more damped step): the
+    /// weights are those of the last period that was kept, and further steps leave them alone.
+    #[error(
+        "training diverges: {rejections} curvature periods in a row were rejected (the loss of \
+         the period's first batch went from {before} to {after}; damping {damping}, step-length \
+         factor {step_scale}); the weights are those of the last period that was kept. Lower \
+         the learning rate, or start the damping higher"
+    )]
+    Diverged {
+        /// Periods rejected in a row.
+        rejections: usize,
+        /// The last rejected period's loss at its start.
+        before: f64,
+        /// Its loss at its end.
+        after: f64,
+        /// The damping reached.
+        damping: f64,
+        /// The step-length factor reached.
+        step_scale: f64,
+    },
+}

@@ -7,12 +7,18 @@
 //!   ([`SngdConfig`]).
 //! - **K-FAC**: Kronecker-factored curvature with eigendecompositions or inverses, as in KAISA
 //!   ([`KfacConfig`]).
+//! - **Neumann** (Krishnan et al., ICLR 2018): the mini-batch Hessian inverted implicitly by a
+//!   Neumann series at one gradient per step, for comparisons ([`NeumannConfig`]).
 //!
 //! Each is a Burn [`Optimizer`](burn::optim::Optimizer) generic over the backend (CPU, WGPU,
 //! CUDA) that preconditions the layers built from the capture wrappers [`CapturedLinear`] and
 //! [`CapturedConv2d`] (drop-in for Burn's `Linear` and `Conv2d`) and gives every other parameter
 //! SGD with momentum. Data-parallel training goes through the [`comm::Communicator`] trait (MPI
 //! with the `mpi` feature). Minimum Rust version: 1.92 (Burn 0.21's).
+//!
+//! Features: `fast-cpu` (default) builds Burn's CPU backend (Flex) with its parallel (rayon)
+//! and SIMD kernels, which Burn's `flex` feature alone leaves out; `mpi` adds the MPI
+//! communicator (Open MPI and libclang at build time).
 //!
 //! The model and the optimizer share one [`CaptureHandle`]; the only change to a Burn training
 //! loop is that the gradients go through it. With the default recipe (SGD's step size grafted
@@ -96,16 +102,19 @@ pub mod factors;
 pub mod gemm_conv;
 pub mod host;
 pub mod linalg;
+pub mod neumann;
 pub mod optimizer;
 pub mod precond;
 pub mod rows;
 pub mod schedule;
 
 pub use capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
+pub use error::TrainingError;
 pub use factors::ConvMode;
+pub use neumann::NeumannConfig;
 pub use optimizer::{
-    CurvatureConfig, Graft, HyloConfig, KfacConfig, NaturalGradient, PeriodVerdict, ReportObserver,
-    SngdConfig, StepReport,
+    CurvatureConfig, GaveUp, Graft, HyloConfig, KfacConfig, NaturalGradient, PeriodVerdict,
+    ReportObserver, SngdConfig, StepLengthConfig, StepReport,
 };
 pub use precond::{HyloMode, KfacMethod, SwitchPolicy};
 pub use schedule::DampingConfig;

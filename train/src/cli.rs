@@ -16,6 +16,8 @@ pub enum OptimName {
     Sgd,
     /// Adam (Burn's).
     Adam,
+    /// The Neumann optimizer (Krishnan et al., ICLR 2018).
+    Neumann,
     /// K-FAC (KAISA-style eigen form).
     Kfac,
     /// Exact damped natural gradient through Sherman-Morrison-Woodbury.
@@ -121,6 +123,30 @@ impl From<KfacMethodArg> for hylo_optim::KfacMethod {
     }
 }
 
+/// `--normalize`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormalizeArg {
+    /// The dataset's own constants.
+    #[default]
+    Dataset,
+    /// Pixels in [0, 1].
+    None,
+    /// Pixel values 0-255.
+    Raw,
+}
+
+/// `--step-length`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepLengthArg {
+    /// Adapted from each curvature period (with `--damping auto`).
+    #[default]
+    Auto,
+    /// The learning rate as given.
+    Off,
+}
+
 /// Datasets the binary reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -135,8 +161,14 @@ pub enum DatasetName {
     Mnist,
     /// Fashion-MNIST IDX files from --data-dir.
     FashionMnist,
-    /// ImageNet-layout image folders (train/, val/) from --data-dir.
+    /// ImageNet-layout image folders (train/, val/) from --data-dir, ImageNet's transforms.
     Imagenet,
+    /// Your own images: --data-dir/{train,val}/<class>/*, resized to --image-size (default 32),
+    /// --channels 1 or 3 (default 3), normalised from the training images.
+    ImageFolder,
+    /// Your own segmentation set: --data-dir/{train,val}/images/* with masks/* of the same file
+    /// names, resized to --image-size (default 64), --channels 1 or 3 (default 3).
+    MaskFolder,
     /// Synthetic segmentation of random shapes (no files).
     Shapes,
     /// LGG brain-MRI segmentation (kaggle_3m) from --data-dir.
@@ -153,7 +185,7 @@ impl DatasetName {
 
     /// Whether the dataset has masks rather than labels.
     pub fn is_segmentation(self) -> bool {
-        matches!(self, Self::Shapes | Self::Lgg)
+        matches!(self, Self::Shapes | Self::Lgg | Self::MaskFolder)
     }
 
     /// Whether the dataset is read from `--data-dir`.
@@ -183,9 +215,9 @@ pub struct TrainArgs {
     /// Samples per batch (global batch in distributed runs).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    pub lr: f64,
+    /// Peak learning rate (default: 0.1; Adam's 0.001).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
@@ -240,6 +272,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = "sgd")]
     #[serde(default = "default_graft")]
     pub graft: String,
+    /// Step-length trust region of the natural-gradient optimizers with `--damping auto`: auto
+    /// (a factor on the learning rate, shortened when a curvature period's step overshoots and
+    /// grown back, up to 1, when the quadratic model predicts it well) or off.
+    #[arg(long, value_enum, default_value = "auto")]
+    #[serde(default = "default_step_length")]
+    pub step_length: StepLengthArg,
     /// K-FAC eigendecomposition period (a multiple of --freq; default: --freq).
     #[arg(long)]
     pub inverse_every: Option<u64>,
@@ -274,9 +312,24 @@ pub struct TrainArgs {
     /// (zero padding around the 28x28 images); default per dataset.
     #[arg(long)]
     pub image_size: Option<u64>,
-    /// Channels of the synthetic classification images.
-    #[arg(long, default_value_t = 1)]
-    pub channels: u64,
+    /// Average every image down to a SIDE x SIDE grid and interpolate it back to its size
+    /// (inputs of low intrinsic dimension: neighbouring pixels nearly equal).
+    #[arg(long, value_name = "SIDE")]
+    #[serde(default)]
+    pub low_res: Option<u64>,
+    /// Input normalisation: dataset (its usual per-channel mean and deviation), none (pixels in
+    /// [0, 1]) or raw (pixel values 0-255, unnormalised).
+    #[arg(long, value_enum, default_value = "dataset")]
+    #[serde(default)]
+    pub normalize: NormalizeArg,
+    /// Hidden widths of the MLP (comma separated: `256,256,256` is four layers).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<usize>,
+    /// Channels of the synthetic classification images (default 1) or of the image folders'
+    /// (1 or 3, default 3).
+    #[arg(long)]
+    pub channels: Option<u64>,
     /// Classes of the synthetic classification set (2 to 16).
     #[arg(long, default_value_t = 4)]
     #[serde(default = "default_classes")]
@@ -294,6 +347,11 @@ pub struct TrainArgs {
     /// LGG: fraction of patients held out for validation.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
+    /// Validate every N steps as well as at the end of each epoch (off the training clock;
+    /// the convergence benchmark's time to target).
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub val_every: Option<u64>,
     /// Steps between reads of the training metrics from the device (progress, skip checks).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default = "default_log_every")]
@@ -317,6 +375,15 @@ pub struct TrainArgs {
 /// `--graft` of a `config.json` written before the flag existed: those runs had none.
 fn default_graft() -> String {
     "none".into()
+}
+
+/// `--step-length` of a `config.json` written before the flag existed: those runs had none.
+fn default_step_length() -> StepLengthArg {
+    StepLengthArg::Off
+}
+
+fn default_hidden() -> Vec<usize> {
+    vec![256]
 }
 
 fn default_classes() -> u64 {
@@ -358,6 +425,20 @@ impl TrainArgs {
         self.graft.parse().map_err(|e| format!("--graft: {e}"))
     }
 
+    /// The step-length trust region's settings.
+    pub fn step_length(&self) -> hylo_optim::StepLengthConfig {
+        hylo_optim::StepLengthConfig::new().with_adaptive(self.step_length == StepLengthArg::Auto)
+    }
+
+    /// The peak learning rate: `--lr`, or the optimizer's default (Adam's 0.001, 0.1 for the
+    /// others).
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(match self.optim {
+            OptimName::Adam => 1e-3,
+            _ => 0.1,
+        })
+    }
+
     /// The KL clip in effect: `--kl-clip`, none when absent or 0.
     pub fn kl_clip(&self) -> Option<f64> {
         self.kl_clip.filter(|k| *k > 0.0)
@@ -397,7 +478,7 @@ impl TrainArgs {
                 self.dataset.name()
             ));
         }
-        for (flag, v) in [("--lr", self.lr), ("--damping", self.damping.initial())] {
+        for (flag, v) in [("--lr", self.lr()), ("--damping", self.damping.initial())] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{flag}: expected a positive number, got {v}"));
             }
@@ -447,6 +528,15 @@ impl TrainArgs {
                     self.freq
                 ));
             }
+        }
+        if self.hidden.is_empty() || self.hidden.contains(&0) {
+            return Err(format!(
+                "--hidden: expected one or more positive widths, got {:?}",
+                self.hidden
+            ));
+        }
+        if self.low_res == Some(0) {
+            return Err("--low-res: expected a grid side of at least 1".into());
         }
         if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
             return Err(format!(

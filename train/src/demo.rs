@@ -77,7 +77,7 @@ pub fn demo_train_args(demo: &DemoArgs, optim: OptimName) -> TrainArgs {
     args.batch_size = 64;
     args.train_samples = demo.train_samples;
     args.val_samples = 512;
-    args.lr = if optim == OptimName::Sgd { 0.05 } else { 0.1 };
+    args.lr = Some(if optim == OptimName::Sgd { 0.05 } else { 0.1 });
     args.weight_decay = 1e-4;
     // Damping: `hylo-train`'s default (adaptive).
     args.freq = 5;

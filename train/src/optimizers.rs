@@ -9,9 +9,10 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
+use hylo_optim::neumann::Neumann;
 use hylo_optim::{
     CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, NaturalGradient,
-    SngdConfig,
+    NeumannConfig, SngdConfig,
 };
 
 use crate::cli::{OptimName, TrainArgs};
@@ -25,6 +26,8 @@ pub enum AnyOptimizer<M: AutodiffModule<B>, B: AutodiffBackend> {
     Sgd(OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>),
     /// Adam with L2 weight decay.
     Adam(OptimizerAdaptor<Adam, M, B>),
+    /// The Neumann optimizer.
+    Neumann(OptimizerAdaptor<Neumann, M, B>),
     /// SNGD, K-FAC or HyLo.
     Natural(Box<NaturalGradient<B>>),
 }
@@ -51,7 +54,8 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             .with_damping(damping)
             .with_kl_clip(args.kl_clip())
             .with_conv_mode(args.conv_mode()?)
-            .with_graft(args.graft()?);
+            .with_graft(args.graft()?)
+            .with_step_length(args.step_length());
         let err = |e: hylo_optim::error::ConfigError| e.to_string();
         let optim = match args.optim {
             OptimName::Sgd => Self::Sgd(
@@ -65,6 +69,12 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
                     .init(),
             ),
             OptimName::Adam => Self::Adam(AdamConfig::new().with_weight_decay(decay).init()),
+            OptimName::Neumann => Self::Neumann(
+                NeumannConfig::new(steps_per_epoch)
+                    .with_weight_decay(args.weight_decay)
+                    .init()
+                    .map_err(err)?,
+            ),
             OptimName::Sngd => Self::Natural(Box::new(
                 SngdConfig::new()
                     .with_curvature(curvature)
@@ -126,6 +136,22 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         }
     }
 
+    /// Why the optimizer gave up training (too many rejected periods in a row), if it did.
+    pub fn failure(&self) -> Option<&hylo_optim::TrainingError> {
+        match self {
+            Self::Natural(o) => o.failure(),
+            _ => None,
+        }
+    }
+
+    /// The step-length factor of the natural-gradient optimizers' trust region.
+    pub fn step_scale(&self) -> Option<f64> {
+        match self {
+            Self::Natural(o) => Some(o.step_scale()),
+            _ => None,
+        }
+    }
+
     /// Adaptive damping: whether the next step starts a period (its batch's loss is measured
     /// again at the period's end).
     pub fn starts_period(&self) -> bool {
@@ -137,6 +163,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         match self {
             Self::Sgd(o) => o.step(lr, model, grads),
             Self::Adam(o) => o.step(lr, model, grads),
+            Self::Neumann(o) => o.step(lr, model, grads),
             Self::Natural(o) => o.step(lr, model, grads),
         }
     }
@@ -178,6 +205,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
         let result = match self {
             Self::Sgd(o) => recorder.record(o.to_record(), path.clone()),
             Self::Adam(o) => recorder.record(o.to_record(), path.clone()),
+            Self::Neumann(o) => recorder.record(o.to_record(), path.clone()),
             Self::Natural(o) => {
                 recorder.record(Optimizer::<M, B>::to_record(o.as_ref()), path.clone())
             }
@@ -199,15 +227,19 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> AnyOptimizer<M, B> {
             Self::Adam(o) => {
                 Self::Adam(o.load_record(recorder.load(path.clone(), device).map_err(fail)?))
             }
+            Self::Neumann(o) => {
+                Self::Neumann(o.load_record(recorder.load(path.clone(), device).map_err(fail)?))
+            }
             Self::Natural(o) => {
                 let record = recorder.load(path.clone(), device).map_err(|e| {
                     format!(
                         "{}: cannot load the optimizer state ({e}); checkpoints of SNGD, K-FAC \
-                         and HyLo written before hylo-optim 0.2 (record format {}) cannot be \
-                         resumed by this version: start the run again (checkpoint/model.bin \
-                         still loads as a Burn record)",
+                         and HyLo written by an earlier hylo-optim (before record format {}, \
+                         hylo-optim {}) cannot be resumed by this version: start the run again \
+                         (checkpoint/model.bin still loads as a Burn record)",
                         path.display(),
-                        hylo_optim::optimizer::RECORD_FORMAT
+                        hylo_optim::optimizer::RECORD_FORMAT,
+                        env!("CARGO_PKG_VERSION")
                     )
                 })?;
                 Self::Natural(Box::new(Optimizer::<M, B>::load_record(*o, record)))

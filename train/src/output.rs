@@ -34,6 +34,10 @@ pub struct MetricsRow {
     pub damping: Option<f64>,
     /// HyLo's mode (kid/kis), or the optimizer's name.
     pub mode: String,
+    /// The step-length factor of the natural-gradient optimizers' trust region at the epoch's
+    /// end, else empty (and in files written before the column existed).
+    #[serde(default)]
+    pub step_scale: Option<f64>,
 }
 
 /// Header of `metrics.csv`; segmentation runs name the score `dice`.
@@ -54,6 +58,7 @@ pub fn header(segments: bool) -> Vec<&'static str> {
         "lr",
         "damping",
         "mode",
+        "step_scale",
     ]
 }
 

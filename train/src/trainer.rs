@@ -19,9 +19,7 @@ use crate::output::{self, restore_metrics, MetricsRow, RefreshPoint, RunState};
 pub use crate::task::validate;
 use crate::task::{PendingTally, Tally, TrainModel};
 pub use crate::watches::Stop;
-use crate::watches::{
-    joint_stop, local_stop, DivergenceWatch, SkipWatch, MAX_CONSECUTIVE_REJECTIONS,
-};
+use crate::watches::{joint_stop, local_stop, DivergenceWatch, SkipWatch};
 use crate::workers::Workers;
 
 /// The result of a training invocation.
@@ -41,6 +39,8 @@ pub struct Outcome {
     /// invocation (forward, backward, all-reduce, update; the log points' reads are not a
     /// step's).
     pub reads_per_step: Vec<u64>,
+    /// The `--val-every` validations of this invocation.
+    pub checks: Vec<ValCheck>,
 }
 
 /// Set by the Ctrl-C handler; the trainer saves and stops at the next step.
@@ -195,6 +195,9 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     divergence: DivergenceWatch,
     started: Instant,
     wall_before: f64,
+    /// Seconds of this invocation spent validating and writing checkpoints, metrics and plots:
+    /// not training time.
+    paused: f64,
     first_step: u64,
     lr: f64,
     /// Rows of this invocation.
@@ -203,6 +206,19 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     reads_per_step: Vec<u64>,
     /// Validation loss and score of the last epoch ended in this invocation.
     last_val: Option<(f64, f64)>,
+    /// `--val-every` validations of this invocation.
+    checks: Vec<ValCheck>,
+}
+
+/// A validation between epochs (`--val-every`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValCheck {
+    /// Optimizer steps so far.
+    pub step: u64,
+    /// Seconds of training so far.
+    pub wall_s: f64,
+    /// Validation accuracy or Dice.
+    pub val_score: f64,
 }
 
 impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
@@ -252,7 +268,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             ));
         }
         let spe = steps_per_epoch;
-        let schedule = WarmupMultiStepConfig::new(args.lr)
+        let schedule = WarmupMultiStepConfig::new(args.lr())
             .with_warmup_steps(args.warmup_epochs as usize * spe)
             .with_milestones(args.milestones.iter().map(|&m| m as usize * spe).collect())
             .with_decay(args.lr_decay)
@@ -283,6 +299,8 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             pending: PendingTally::default(),
             divergence: DivergenceWatch::default(),
             started: Instant::now(),
+            paused: 0.0,
+            checks: Vec::new(),
             rows: Vec::new(),
             reads_per_step: Vec::new(),
             last_val: None,
@@ -325,8 +343,35 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         )
     }
 
+    /// Seconds of training so far (across resumes): validation and the writing of
+    /// checkpoints, metrics and plots are left out, so optimizers are timed alike.
     fn wall(&self) -> f64 {
-        self.wall_before + self.started.elapsed().as_secs_f64()
+        self.wall_before + self.started.elapsed().as_secs_f64() - self.paused
+    }
+
+    /// Runs `work` off the training clock.
+    fn paused<T>(&mut self, work: impl FnOnce(&mut Self) -> T) -> T {
+        let start = Instant::now();
+        let out = work(self);
+        self.paused += start.elapsed().as_secs_f64();
+        out
+    }
+
+    /// `--val-every`: validates between epochs, for the time to a target.
+    fn check_point(&mut self) -> Result<(), String> {
+        let every = self.setup.args.val_every.unwrap_or(0);
+        let step = self.state.global_step;
+        if every == 0 || !step.is_multiple_of(every) {
+            return Ok(());
+        }
+        let wall_s = self.wall();
+        let val = self.paused(|run| run.validate())?;
+        self.checks.push(ValCheck {
+            step,
+            wall_s,
+            val_score: val.score(),
+        });
+        Ok(())
     }
 
     /// The rest of the current epoch; `Some` when the run stops (a stop at the epoch's last
@@ -345,6 +390,9 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             self.step(batch.map_err(|e| e.to_string())?)?;
             let stop = self.stop();
             let epoch_done = self.state.step_in_epoch as usize == self.steps_per_epoch;
+            if !epoch_done {
+                self.check_point()?;
+            }
             if stop.is_some()
                 || epoch_done
                 || self
@@ -423,13 +471,13 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             self.setup.log(&format!(
                 "step {step}: the refresh batch's loss went from {before:.4} to {after:.4} over \
                  the last period: period rejected (weights and momentum restored to its start), \
-                 damping raised to {damping:.3e}"
+                 damping raised to {damping:.3e}, step-length factor {:.3}",
+                self.optim.step_scale().unwrap_or(1.0)
             ));
-            if self.optim.consecutive_rejections() >= MAX_CONSECUTIVE_REJECTIONS {
+            if let Some(failure) = self.optim.failure() {
                 return Err(format!(
-                    "adaptive damping rejected the last {MAX_CONSECUTIVE_REJECTIONS} periods in a \
-                     row (up to step {step}): the loss blows up even at damping {damping:.3e}; \
-                     training stopped, the last checkpoint is kept as it was (try a lower --lr)"
+                    "step {step}: {failure}; training stopped, the last checkpoint is kept as it \
+                     was (try a lower --lr)"
                 ));
             }
         }
@@ -484,7 +532,8 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// `metrics.csv` and the curves, and starts the next epoch.
     pub fn end_epoch(&mut self) -> Result<(), String> {
         let setup = self.setup;
-        let val = self.validate()?;
+        let wall_s = self.wall();
+        let val = self.paused(|run| run.validate())?;
         if setup.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
             let t = &mut self.state.train;
@@ -492,7 +541,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             setup.workers.sum(&mut sums);
             (t.loss_sum, t.samples, t.correct) = (sums[0] as f64, sums[1] as u64, sums[2] as u64);
         }
-        let wall_s = self.wall();
         let state = &mut self.state;
         state.epoch += 1;
         let row = MetricsRow {
@@ -509,6 +557,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
                 .optim
                 .mode()
                 .unwrap_or_else(|| format!("{:?}", setup.args.optim).to_lowercase()),
+            step_scale: self.optim.step_scale(),
         };
         state.step_in_epoch = 0;
         state.train = Tally::default();
@@ -537,9 +586,11 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         if setup.workers.writes() {
             // Checkpoint first (it holds every row), then metrics.csv: a kill between the two
             // is repaired on resume, which rewrites metrics.csv from the checkpoint.
-            self.checkpoint()?;
-            output::fault_point("after-checkpoint");
-            self.publish()?;
+            self.paused(|run| {
+                run.checkpoint()?;
+                output::fault_point("after-checkpoint");
+                run.publish()
+            })?;
         }
         Ok(())
     }
@@ -601,6 +652,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             final_val,
             summary: None,
             reads_per_step: self.reads_per_step,
+            checks: self.checks,
         })
     }
 }

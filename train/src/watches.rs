@@ -19,9 +19,6 @@ pub enum Stop {
     Interrupted,
 }
 
-/// Periods rejected in a row by adaptive damping after which the run stops.
-pub const MAX_CONSECUTIVE_REJECTIONS: usize = 5;
-
 /// The training loss (its epoch-to-date mean at the loop's log points) may not grow beyond this
 /// factor times its first value: the run stops with an error instead of training on.
 pub const MAX_LOSS_GROWTH: f64 = 10.0;
@@ -57,11 +54,14 @@ pub fn joint_stop(any: bool, local: Option<Stop>) -> Option<Stop> {
 }
 
 /// Stops a run whose training loss blows up: its epoch-to-date mean at a log point above
-/// [`MAX_LOSS_GROWTH`] times the first one, or not finite with an optimizer that does not skip
-/// non-finite steps (Burn's SGD and Adam; ours skip them and [`SkipWatch`] counts them).
+/// [`MAX_LOSS_GROWTH`] times the first one, back above the first one after having come below
+/// half of it (a collapse that a bounded loss such as Dice, which cannot grow tenfold, shows),
+/// or not finite with an optimizer that does not skip non-finite steps (Burn's SGD and Adam;
+/// ours skip them and [`SkipWatch`] counts them).
 #[derive(Default)]
 pub struct DivergenceWatch {
     first: Option<f64>,
+    lowest: Option<f64>,
 }
 
 impl DivergenceWatch {
@@ -83,6 +83,14 @@ impl DivergenceWatch {
             return Err(format!(
                 "the training loss grew from {first:.4} to {loss:.4} (more than {MAX_LOSS_GROWTH}x) \
                  by step {step}: training diverges and was stopped; {ADVICE}"
+            ));
+        }
+        let lowest = self.lowest.map_or(loss, |l| l.min(loss));
+        self.lowest = Some(lowest);
+        if first > 0.0 && lowest < 0.5 * first && loss > first {
+            return Err(format!(
+                "the training loss went back from {lowest:.4} to {loss:.4}, above its first value \
+                 {first:.4}, by step {step}: training diverges and was stopped; {ADVICE}"
             ));
         }
         Ok(())
@@ -176,6 +184,23 @@ mod tests {
         // The first finite value is the reference.
         assert!(w.check(1.0, 20, true).is_ok());
         assert!(w.check(10.5, 30, true).is_err());
+    }
+
+    #[test]
+    fn a_bounded_loss_that_collapses_back_stops_the_run() {
+        // Dice in [0, 1): from 0.9 down to 0.3, then back to 0.95 cannot grow tenfold, but it
+        // undid every step of progress.
+        let mut w = DivergenceWatch::default();
+        for (loss, step) in [(0.9, 20), (0.6, 40), (0.3, 60), (0.7, 80), (0.89, 100)] {
+            assert!(w.check(loss, step, true).is_ok(), "{loss}");
+        }
+        let e = w.check(0.95, 120, true).unwrap_err();
+        assert!(e.contains("went back from 0.3000 to 0.9500"), "{e}");
+        // Without progress below half the first loss, noise above it is not a collapse.
+        let mut w = DivergenceWatch::default();
+        for loss in [0.9, 0.8, 0.93, 0.7, 0.95] {
+            assert!(w.check(loss, 20, true).is_ok(), "{loss}");
+        }
     }
 
     #[test]

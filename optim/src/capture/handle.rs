@@ -179,9 +179,9 @@ impl CaptureHandle {
     /// both losses to the optimizer, whose next `step` adapts the damping. Nothing is read from
     /// the device here. On other steps this is `gradients(loss.backward(), module)`.
     ///
-    /// `loss_of` runs one more forward pass per period; a model with batch-norm layers should
-    /// not update its running statistics in it (`hylo_models::batch_norm::with_frozen_statistics`
-    /// does that for the models of this project).
+    /// `loss_of` runs one more forward pass per period; the floats of `module` that no gradient
+    /// updates (Burn's `BatchNorm` running mean and variance, any `RunningState`) are put back
+    /// as they were after it, so batch-norm layers keep the statistics of the training steps.
     pub fn gradients_with_loss<B, M, T>(
         &self,
         loss: Tensor<B, 1>,
@@ -208,7 +208,11 @@ impl CaptureHandle {
                 // The extra forward pass records nothing.
                 let armed = self.is_armed();
                 self.armed.store(false, Ordering::SeqCst);
+                // Burn's BatchNorm (any running state) would move its statistics in this extra
+                // forward pass: they are put back as they were.
+                let statistics = super::statistics::Statistics::<B>::save(module);
                 let after = loss_of(module, &kept).detach().inner();
+                statistics.restore(module);
                 self.armed.store(armed, Ordering::SeqCst);
                 self.lock().period.ended = Some(Box::new(after));
             }

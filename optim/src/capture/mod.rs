@@ -4,6 +4,7 @@ mod conv2d;
 mod geometry;
 mod handle;
 mod linear;
+mod statistics;
 
 pub use conv2d::CapturedConv2d;
 pub use geometry::LayerGeometry;

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::tensor::backend::AutodiffBackend;
 
-use super::{Graft, NaturalGradient};
+use super::{Graft, NaturalGradient, StepLengthConfig};
 use crate::capture::CaptureHandle;
 use crate::error::ConfigError;
 use crate::factors::ConvMode;
@@ -40,6 +40,16 @@ pub struct CurvatureConfig {
     /// the preconditioner's own (`Graft::None`, the papers' update).
     #[config(default = "Graft::Sgd")]
     pub graft: Graft,
+    /// The step-length trust region kept beside grafting (with adaptive damping): a factor on
+    /// the learning rate, shrunk when a period's step overshoots and grown back when the
+    /// quadratic model predicts it well.
+    #[config(default = "StepLengthConfig::new()")]
+    pub step_length: StepLengthConfig,
+    /// Adaptive damping: periods rejected in a row (each retried with a shorter, more damped
+    /// step) after which the optimizer gives up: it leaves the weights of the last kept period
+    /// alone and reports `TrainingError::Diverged` (`NaturalGradient::failure`, `try_step`).
+    #[config(default = 5)]
+    pub max_rejections: usize,
 }
 
 impl CurvatureConfig {
@@ -58,6 +68,9 @@ impl CurvatureConfig {
                 format!("expected >= 0, got {}", self.weight_decay),
             );
         }
+        if self.max_rejections == 0 {
+            return invalid("max_rejections", "expected at least 1".into());
+        }
         if self.freq == 0 {
             return invalid("freq", "expected at least 1".into());
         }
@@ -66,6 +79,7 @@ impl CurvatureConfig {
                 return invalid("kl_clip", format!("expected a positive number, got {k}"));
             }
         }
+        self.step_length.validate()?;
         self.damping.validate()
     }
 }

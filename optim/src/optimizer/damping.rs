@@ -9,9 +9,11 @@
 //!
 //! `q(Delta) = sum_params <g_s, Delta> + sum_layers Delta^T F_s Delta / 2`
 //!
-//! with every parameter's gradient in the linear term (BatchNorm's too: they move as well) and
-//! each preconditioned layer's Fisher exactly as its preconditioner inverts it (the kept rows with
-//! their weights for SNGD, KIS and KID, `G kron A` for K-FAC), damping excluded. Right before step
+//! over the parameters of the preconditioned layers, each with its Fisher exactly as its
+//! preconditioner inverts it (the kept rows with their weights for SNGD, KIS and KID,
+//! `G kron A` for K-FAC), damping excluded. Parameters without curvature (BatchNorm's scale and
+//! shift) are left out of both terms: a linear term without its quadratic term predicts a
+//! decrease that grows without bound with the step. Right before step
 //! `s + T` the training loop evaluates the loss of `B_s` at the current weights and hands it, with
 //! the loss it had at step `s`, to [`NaturalGradient::observe_loss_change`]. Step `s + T` then
 //! reads `[L_before, L_after, q]` (one read of three numbers) and:
@@ -21,15 +23,18 @@
 //!   raised by [`REJECT_RAISE`], the step's update and refresh are skipped and the next step
 //!   refreshes the curvature at the restored weights (a blow-up is not trained on);
 //! - leaves lambda alone when `q >= -epsilon` (the model predicts no decrease: its ratio says
-//!   nothing);
-//! - otherwise applies [`levenberg_marquardt`] with `omega^T`.
+//!   nothing about the direction);
+//! - otherwise applies [`levenberg_marquardt`] with `omega^T`;
+//! - and in both cases lets the step-length trust region ([`super::StepLengthConfig`]) shorten
+//!   the step (a predicted increase, a rise, `rho < 1/4`) or lengthen it (`rho > 3/4`): with
+//!   grafting the damping alone cannot change how long a step is. A rejection shortens it too.
 //!
 //! Measuring over the whole period rather than one step matters with momentum and `T > 1`: a
 //! damping too small shows up as momentum-driven steps that leave the model's region over the
 //! following steps, while the inversion step alone still looks fine. No step between inversions
 //! reads anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -45,12 +50,26 @@ use crate::schedule::levenberg_marquardt;
 /// rejected: the weights go back to the period's start.
 pub const REJECT_GROWTH: f64 = 10.0;
 
+/// A period that undoes this fraction of the progress made since the first period (and at
+/// least [`REGRESSION_FLOOR`] of the first period's loss) is a blow-up: the test that works for
+/// bounded losses (Dice in `[0, 1)`), where growing tenfold is impossible.
+pub const REJECT_REGRESSION: f64 = 0.5;
+
+/// The smallest rise, relative to the first period's loss, that [`REJECT_REGRESSION`] counts.
+pub const REGRESSION_FLOOR: f64 = 0.1;
+
 /// Whether a period's loss change is a blow-up: `after` not finite, `REJECT_GROWTH` times
 /// `before` (losses below 1/100 of the first one count as that: tiny losses fluctuate by large
-/// factors), or `REJECT_GROWTH` times `first`, the first period's loss.
+/// factors), `REJECT_GROWTH` times `first` (the first period's loss), or a rise that gives back
+/// [`REJECT_REGRESSION`] of the progress from `first` down to `before` in one period.
 pub fn blew_up(before: f64, after: f64, first: f64) -> bool {
     let base = before.abs().max(first.abs() / 100.0);
-    !after.is_finite() || after > REJECT_GROWTH * base || after > REJECT_GROWTH * first.abs()
+    if !after.is_finite() || after > REJECT_GROWTH * base || after > REJECT_GROWTH * first.abs() {
+        return true;
+    }
+    let progress = first - before;
+    let rise = after - before;
+    progress > 0.0 && rise >= REJECT_REGRESSION * progress && rise > REGRESSION_FLOOR * first.abs()
 }
 
 /// Factor by which a rejected period raises the damping.
@@ -112,11 +131,13 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Floats<'_, B::InnerBackend> {
     }
 }
 
-/// `q(Delta)`'s parts from the module at the end of a period: the linear term over every
-/// parameter with a gradient, and the steps `Delta` (in the parameters' own shapes) for the
-/// quadratic term.
+/// `q(Delta)`'s parts from the module at the end of a period: the linear term over the
+/// parameters of the preconditioned layers (`modelled`; the others, such as BatchNorm's, have no
+/// curvature in the model, so they are left out of both terms), and the steps `Delta` (in the
+/// parameters' own shapes) for the quadratic term.
 struct PeriodEnd<'a, I: Backend> {
     period: &'a Period<I>,
+    modelled: &'a BTreeSet<u64>,
     linear: Vec<Tensor<I, 1>>,
     deltas: GradientsParams,
 }
@@ -124,6 +145,9 @@ struct PeriodEnd<'a, I: Backend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for PeriodEnd<'_, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let id = param.id.val();
+        if !self.modelled.contains(&id) {
+            return;
+        }
         let (Some(start), Some(gradient)) =
             (self.period.params.get(&id), self.period.gradients.get(&id))
         else {
@@ -205,8 +229,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         let Some(period) = &self.period else {
             return;
         };
+        let modelled: BTreeSet<u64> = self
+            .ordered_layers()
+            .flat_map(|l| std::iter::once(l.meta.weight_id).chain(l.meta.bias_id))
+            .map(|id| id.val())
+            .collect();
         let mut end = PeriodEnd {
             period,
+            modelled: &modelled,
             linear: Vec::new(),
             deltas: GradientsParams::new(),
         };
@@ -254,6 +284,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         let first = *self.first_loss.get_or_insert(before);
         if blew_up(before, after, first) {
             self.damping = (self.damping * REJECT_RAISE).min(self.config.damping.max);
+            self.step_scale = self.config.step_length.rejected(self.step_scale);
             tracing::warn!(
                 before,
                 after,
@@ -281,11 +312,16 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             config.min,
             config.max,
         );
+        self.step_scale =
+            self.config
+                .step_length
+                .adapt(self.step_scale, after - before, predicted, before);
         tracing::debug!(
             before,
             after,
             predicted,
             damping = self.damping,
+            step_scale = self.step_scale,
             "adaptive damping"
         );
         Some(PeriodVerdict::Adapted {

@@ -39,6 +39,7 @@ mod lowrank_refresh;
 mod record;
 mod refresh;
 mod report;
+mod step_length;
 mod visitors;
 
 use std::collections::{BTreeMap, HashMap};
@@ -55,10 +56,11 @@ pub use graft::Graft;
 pub use layer_grad::LayerMeta;
 pub use record::{NaturalGradientRecord, RECORD_FORMAT};
 pub use report::StepReport;
+pub use step_length::StepLengthConfig;
 
 use crate::capture::CaptureHandle;
 use crate::comm::{Communicator, Single};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, TrainingError};
 use crate::host;
 use crate::precond::{HyloMode, KfacState, LowRankState};
 use guard::GradientProbes;
@@ -92,6 +94,8 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     step: usize,
     refreshes: usize,
     damping: f64,
+    /// The step-length factor on the learning rate (see [`StepLengthConfig`]).
+    step_scale: f64,
     last_grad_norm: Option<f64>,
     mode: Option<HyloMode>,
     layers: BTreeMap<u64, LayerState<B::InnerBackend>>,
@@ -125,6 +129,19 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     first_loss: Option<f64>,
     /// Adaptive damping: a period ended without its loss change (warned once).
     unobserved_warned: bool,
+    /// Set when too many periods in a row were rejected: the optimizer no longer changes the
+    /// weights.
+    failure: Option<TrainingError>,
+}
+
+/// What [`NaturalGradient::try_step`] returns once the optimizer has given up: the module (the
+/// weights of the last period that was kept) and why.
+#[derive(Debug)]
+pub struct GaveUp<M> {
+    /// The module, unchanged by the step.
+    pub module: M,
+    /// Why training stopped.
+    pub error: TrainingError,
 }
 
 /// Called with every step's report (see [`NaturalGradient::with_report_observer`]).
@@ -139,6 +156,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     ) -> Result<Self, ConfigError> {
         config.validate()?;
         let damping = config.damping.initial;
+        let step_scale = config.step_length.initial;
         let optim = Self {
             method,
             config,
@@ -146,6 +164,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             step: 0,
             refreshes: 0,
             damping,
+            step_scale,
             last_grad_norm: None,
             mode: None,
             layers: BTreeMap::new(),
@@ -164,6 +183,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             consecutive_rejections: 0,
             first_loss: None,
             unobserved_warned: false,
+            failure: None,
         };
         optim.capture.arm(optim.is_curvature_step(0));
         optim.request_period();
@@ -203,6 +223,12 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     /// The damping lambda in force.
     pub fn damping(&self) -> f64 {
         self.damping
+    }
+
+    /// The factor on the learning rate that the step-length trust region has set (1 unless
+    /// adaptive damping judged a period a bad one).
+    pub fn step_scale(&self) -> f64 {
+        self.step_scale
     }
 
     /// HyLo's mode at the last refresh (`None` for SNGD and K-FAC, or before the first).
@@ -263,6 +289,32 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.rejected_periods
     }
 
+    /// Why the optimizer stopped training, if it did: after `max_rejections` rejected periods
+    /// in a row every further step leaves the module as it is (the weights of the last period
+    /// that was kept).
+    pub fn failure(&self) -> Option<&TrainingError> {
+        self.failure.as_ref()
+    }
+
+    /// [`Optimizer::step`] that says when the optimizer has given up (see
+    /// [`NaturalGradient::failure`]): from the step that gives up on, the module comes back in
+    /// the error, with the weights of the last period that was kept.
+    pub fn try_step<M: AutodiffModule<B>>(
+        &mut self,
+        lr: LearningRate,
+        module: M,
+        grads: GradientsParams,
+    ) -> Result<M, GaveUp<M>> {
+        let module = self.step_inner(lr, module, grads);
+        match &self.failure {
+            Some(error) => Err(GaveUp {
+                module,
+                error: error.clone(),
+            }),
+            None => Ok(module),
+        }
+    }
+
     fn name_of(&self, id: &ParamId) -> String {
         self.names
             .get(id)
@@ -277,6 +329,21 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         mut grads: GradientsParams,
     ) -> M {
         let captures = self.capture.take::<B::InnerBackend>();
+        if self.failure.is_some() {
+            // Gave up: nothing changes any more (the period machinery included).
+            self.capture.arm(false);
+            self.capture.request_period(false, false);
+            self.report = PendingReport::known(StepReport {
+                step: self.step,
+                skipped: true,
+                damping: self.damping,
+                step_scale: self.step_scale,
+                mode: self.mode,
+                ..StepReport::default()
+            });
+            self.step += 1;
+            return module;
+        }
         let mut probes = GradientProbes::<B>::new(&grads);
         module.visit(&mut probes);
         let GradientProbes { ids, probes, .. } = probes;
@@ -308,11 +375,23 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         if let Some(PeriodVerdict::Adapted { .. }) = known.period {
             self.consecutive_rejections = 0;
         }
-        if let Some(PeriodVerdict::Rejected { .. }) = known.period {
+        if let Some(PeriodVerdict::Rejected { before, after }) = known.period {
             self.rejected_periods += 1;
             self.consecutive_rejections += 1;
+            if self.consecutive_rejections >= self.config.max_rejections {
+                let failure = TrainingError::Diverged {
+                    rejections: self.consecutive_rejections,
+                    before,
+                    after,
+                    damping: self.damping,
+                    step_scale: self.step_scale,
+                };
+                tracing::error!("{failure}");
+                self.failure = Some(failure);
+            }
             let module = self.restore_period(module);
             known.damping = self.damping;
+            known.step_scale = self.step_scale;
             known.mode = self.mode;
             self.report = PendingReport::known(known);
             if let Some(observer) = &self.observer {
@@ -378,7 +457,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             directions: &mut grads,
             buffers: &mut self.momentum,
             stateful: &mut self.stateful,
-            lr,
+            lr: lr * self.step_scale,
             momentum: self.config.momentum,
             weight_decay: self.config.weight_decay,
             apply: apply.clone(),
@@ -389,6 +468,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         }
 
         known.damping = self.damping;
+        known.step_scale = self.step_scale;
         known.mode = self.mode;
         let mut values: Vec<Tensor<B::InnerBackend, 1>> = probes.into_iter().collect();
         values.extend(inner_products);

@@ -16,8 +16,9 @@ use crate::rows::PerSampleRows;
 
 /// Layout version of [`NaturalGradientRecord`]; a record of another version is refused. Version
 /// 2 (hylo-optim 0.2) added the Fisher weights of low-rank states and adaptive damping's period
-/// snapshot; records of 0.1 cannot be read by 0.2 (the recorder fails on them).
-pub const RECORD_FORMAT: u32 = 2;
+/// snapshot; version 3 (0.3) the step-length factor. Records of earlier versions cannot be read
+/// (the recorder fails on them).
+pub const RECORD_FORMAT: u32 = 3;
 
 /// Saved state of a [`NaturalGradient`] optimizer.
 #[derive(Record)]
@@ -50,6 +51,8 @@ pub struct NaturalGradientRecord<B: Backend> {
     pub consecutive_rejections: usize,
     /// The first judged period's loss (reference of a slow blow-up).
     pub first_loss: Option<f64>,
+    /// The step-length factor on the learning rate.
+    pub step_scale: f64,
 }
 
 /// The period under way (adaptive damping), by parameter id, flattened.
@@ -229,6 +232,7 @@ pub(super) fn to_record<B: AutodiffBackend>(
         rejected_periods: optim.rejected_periods,
         consecutive_rejections: optim.consecutive_rejections,
         first_loss: optim.first_loss,
+        step_scale: optim.step_scale,
     }
 }
 
@@ -268,6 +272,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
     optim.step = record.step;
     optim.refreshes = record.refreshes;
     optim.damping = record.damping;
+    optim.step_scale = record.step_scale;
     optim.last_grad_norm = record.last_grad_norm;
     optim.mode = record
         .mode

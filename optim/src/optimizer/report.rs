@@ -26,6 +26,9 @@ pub struct StepReport {
     pub mode: Option<HyloMode>,
     /// The damping in force.
     pub damping: f64,
+    /// The step-length factor on the learning rate in force (see
+    /// [`super::StepLengthConfig`]; 0 in a report that has not set it).
+    pub step_scale: f64,
     /// Layers that used the damped identity (g / lambda) or kept their last good curvature this
     /// step: (name, reason).
     pub fallbacks: Vec<(String, String)>,
