@@ -51,6 +51,14 @@ impl Normalization {
         }
     }
 
+    /// Pixels of `[0, 1]` scaled to their byte values 0-255 (inputs left unnormalised).
+    pub fn pixel_values(channels: usize) -> Self {
+        Self {
+            mean: vec![0.0; channels],
+            std: vec![1.0 / 255.0; channels],
+        }
+    }
+
     fn new(mean: &[f32], std: &[f32]) -> Self {
         Self {
             mean: mean.to_vec(),

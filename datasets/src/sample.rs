@@ -57,6 +57,25 @@ pub trait SampleSource: Send + Sync {
     fn sample_shape(&self) -> [usize; 3];
 }
 
+/// A shared source is a source.
+impl<S: SampleSource + ?Sized> SampleSource for std::sync::Arc<S> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+
+    fn load(&self, index: usize, rng: &mut StdRng) -> Result<Sample, DatasetError> {
+        (**self).load(index, rng)
+    }
+
+    fn classes(&self) -> usize {
+        (**self).classes()
+    }
+
+    fn sample_shape(&self) -> [usize; 3] {
+        (**self).sample_shape()
+    }
+}
+
 /// The RNG of sample `index` in `epoch` for a run seeded with `seed` (SplitMix64 mixing).
 pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> StdRng {
     let mut z = seed

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hylo_datasets::*;
 
-use crate::cli::{DatasetName, TrainArgs};
+use crate::cli::{DatasetName, NormalizeArg, TrainArgs};
 
 /// Maps a validation sample index to the volume (patient) it belongs to, for per-volume Dice.
 pub type VolumeOf = Arc<dyn Fn(usize) -> String + Send + Sync>;
@@ -33,15 +33,37 @@ impl DataSources {
     }
 }
 
-/// Loads the dataset named in `args`; errors name the file and what was wrong.
+/// Loads the dataset named in `args` with its `--low-res` and `--normalize` transforms; errors
+/// name the file and what was wrong.
 pub fn load(args: &TrainArgs) -> Result<DataSources, String> {
+    let mut sources = load_dataset(args)?;
+    if let Some(side) = args.low_res {
+        let wrap = |s: Arc<dyn SampleSource>| -> Result<Arc<dyn SampleSource>, String> {
+            Ok(Arc::new(
+                LowResolution::new(s, side as usize).map_err(|e| format!("--low-res: {e}"))?,
+            ))
+        };
+        sources.train = wrap(sources.train)?;
+        sources.val = wrap(sources.val)?;
+    }
+    let channels = sources.shape()[0];
+    match args.normalize {
+        NormalizeArg::Dataset => {}
+        NormalizeArg::None => sources.normalization = Normalization::identity(channels),
+        NormalizeArg::Raw => sources.normalization = Normalization::pixel_values(channels),
+    }
+    Ok(sources)
+}
+
+/// The dataset named in `args`, normalised as the dataset usually is.
+fn load_dataset(args: &TrainArgs) -> Result<DataSources, String> {
     let err = |e: DatasetError| e.to_string();
     let dir = || args.data_dir.clone().unwrap_or_default();
     let size = |default: u64| args.image_size.unwrap_or(default) as usize;
     let val_seed = args.seed.wrapping_add(1_000_003);
     Ok(match args.dataset {
         DatasetName::Synthetic => {
-            let channels = args.channels as usize;
+            let channels = args.channels.unwrap_or(1) as usize;
             let train = SyntheticClassification {
                 classes: args.classes as usize,
                 noise: args.noise as f32,
@@ -100,6 +122,44 @@ pub fn load(args: &TrainArgs) -> Result<DataSources, String> {
                     plain(padded(train)?, padded(val)?, norm)
                 }
                 None => plain(train, val, norm),
+            }
+        }
+        DatasetName::ImageFolder | DatasetName::MaskFolder => {
+            let shape = FolderShape {
+                size: size(if args.dataset == DatasetName::MaskFolder {
+                    64
+                } else {
+                    32
+                }) as u32,
+                channels: args.channels.unwrap_or(3) as usize,
+            };
+            let (train, val): (Arc<dyn SampleSource>, Arc<dyn SampleSource>) =
+                if args.dataset == DatasetName::MaskFolder {
+                    (
+                        Arc::new(MaskFolder::scan(&dir(), "train", shape).map_err(err)?),
+                        Arc::new(MaskFolder::scan(&dir(), "val", shape).map_err(err)?),
+                    )
+                } else {
+                    let train = ClassFolder::scan(&dir(), "train", shape, true).map_err(err)?;
+                    let val = ClassFolder::scan(&dir(), "val", shape, false).map_err(err)?;
+                    if train.class_names() != val.class_names() {
+                        return Err(format!(
+                            "{}: train/ has the classes {:?} but val/ has {:?}; both need the \
+                             same class folders",
+                            dir().display(),
+                            train.class_names(),
+                            val.class_names()
+                        ));
+                    }
+                    (Arc::new(train), Arc::new(val))
+                };
+            // Normalisation measured on (up to 2,000 of) the training images.
+            let normalization = measured_normalization(train.as_ref(), 2000).map_err(err)?;
+            DataSources {
+                train,
+                val,
+                normalization,
+                volume_of: None,
             }
         }
         DatasetName::Imagenet => {

@@ -143,6 +143,7 @@ fn train_on<B: AutodiffBackend>(
     } else {
         let mut spec = ClassifierSpec::new(channels, height, data.classes());
         spec.conv_bias = args.conv_bias;
+        spec.mlp_hidden = args.hidden.clone();
         let classifier = on_device::<B, _>(
             Classifier::<Flex>::build(model, &spec, &capture, &Default::default())?,
             Classifier::<B>::build(model, &spec, &capture, device)?,
