@@ -37,7 +37,8 @@ for optim in hylo kfac sngd sgd; do
     # 8 steps: the training accuracy is above chance (validation runs in evaluation mode on
     # running statistics that 8 steps have barely moved: SGD's was 28% once, 25% being chance).
     check_metrics "$OUT/bn-$optim" 0.3 train
-    check_metrics "$OUT/bn-$optim" 0.0
+    # In evaluation mode SGD's reached 0.28-0.31 (seeds 0, 1), ours 0.41-0.94.
+    check_metrics "$OUT/bn-$optim" 0.2
 done
 # KL clipping across ranks: the clip's sum over layers must run in the same order on every rank
 # (parameter ids are random per process; summed by id, K-FAC's ranks drifted apart).
@@ -49,10 +50,11 @@ for optim in kfac sngd hylo; do
 done
 # U-Net (segmentation, BatchNorm and transposed convolutions):
 timeout 600 "${MPIRUN[@]}" -np 2 "$BIN" segment --distributed --model unet --dataset shapes \
-    --optim hylo --init-features 4 --train-samples 32 --val-samples 8 --batch-size 8 --freq 2 \
-    --epochs 1 --out "$OUT/unet"
+    --optim hylo --init-features 4 --train-samples 64 --val-samples 16 --batch-size 8 --freq 2 \
+    --epochs 3 --out "$OUT/unet"
 grep -q "all 2 ranks agree on the weights" "$OUT/unet/train.log"
-check_metrics "$OUT/unet" 0.0
+# 24 steps reached a validation Dice of 0.35-0.59 (seeds 0-2).
+check_metrics "$OUT/unet" 0.2
 grep -q "refresh at step 0: all-gather 0 B, broadcast [0-9]* B, all-reduce [1-9]" "$OUT/kfac/train.log"
 
 # Ranks started with different arguments end with a clear error instead of hanging.

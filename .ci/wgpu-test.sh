@@ -42,11 +42,12 @@ timeout 600 "$BIN" "${classify[@]}" --device cpu --out "$OUT/classify-cpu" | tee
 check_summary "$OUT/classify.txt" 0.25
 check_summary "$OUT/classify-cpu.txt" 0.25
 check_close "$(summary_metric "$OUT/classify.txt")" "$(summary_metric "$OUT/classify-cpu.txt")" 0.05
-timeout 600 "$BIN" segment --device wgpu --model unet --dataset shapes --optim kfac --freq 3 \
-    --max-steps 6 --batch-size 8 --init-features 8 --train-samples 64 --val-samples 16 \
+timeout 900 "$BIN" segment --device wgpu --model unet --dataset shapes --optim kfac --freq 3 \
+    --max-steps 16 --batch-size 8 --init-features 8 --train-samples 64 --val-samples 16 \
     --out "$OUT/segment" | tee "$OUT/segment.txt"
-grep -q "stopped (MaxSteps) at epoch 0 step 6" "$OUT/segment/train.log"
-check_summary "$OUT/segment.txt" 0.0
+grep -q "stopped (MaxSteps) at epoch 2 step 16" "$OUT/segment/train.log"
+# The same 16 steps on the CPU reached a validation Dice of 0.37-0.52 (seeds 0-2).
+check_summary "$OUT/segment.txt" 0.2
 # ResNet-32 steps at batch 4: a step of batch 16 takes about 12 s on lavapipe.
 timeout 2400 target/debug/hylo-bench --quick --device wgpu --step-batch 4 --json "$OUT/bench.json" \
     > "$OUT/bench.md"
