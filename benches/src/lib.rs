@@ -11,6 +11,7 @@ pub mod convergence;
 pub mod curvature_scale;
 pub mod layers;
 pub mod steps;
+pub mod sweep;
 
 pub use layers::{model_layer_cases, time_layer, LayerCase, LayerTiming};
 

@@ -114,10 +114,7 @@ fn a_convergence_run_reaches_its_target_and_a_blown_up_one_counts_as_diverged() 
         "{good:?}"
     );
     // SGD at a learning rate of 1000 blows the loss up.
-    let wild = Setting {
-        lr: Some(1000.0),
-        damping: None,
-    };
+    let wild = Setting::lr(1000.0);
     let bad = run(&mlp, "sgd", &wild, 0, "cpu", &dir.path().join("b")).unwrap();
     assert!(bad.diverged && bad.time_to_target.is_none(), "{bad:?}");
 }

@@ -18,62 +18,68 @@ use serde::Serialize;
     name = "hylo-bench",
     about = "Benchmark report of HyLo, SNGD and K-FAC"
 )]
-struct Args {
+pub struct Args {
     /// Smaller shapes and fewer repeats (under 5 minutes on a 2-core CPU); the report says so.
     #[arg(long)]
-    quick: bool,
+    pub quick: bool,
     /// JSON output.
     #[arg(long, default_value = "bench.json")]
-    json: PathBuf,
+    pub json: PathBuf,
     /// Seconds per optimizer of the time-to-accuracy run.
     #[arg(long)]
-    budget: Option<f64>,
+    pub budget: Option<f64>,
     /// cpu, wgpu, cuda or cuda:N (GPU backends need the matching Cargo feature).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// ResNet-32 batch of the step timings (default: 128, or 16 with --quick).
     #[arg(long)]
-    step_batch: Option<usize>,
+    pub step_batch: Option<usize>,
     /// ResNet-50 batches of the curvature timings (default: 32,128, or 32 with --quick).
     #[arg(long, value_delimiter = ',')]
-    batches: Vec<usize>,
+    pub batches: Vec<usize>,
     /// Run the convergence benchmark instead: every task with every optimizer, its defaults and
     /// a small (lr, damping) grid, over --seeds seeds (--quick: smaller sets, fewer epochs).
     #[arg(long)]
-    convergence: bool,
+    pub convergence: bool,
     /// Seeds of the convergence benchmark.
     #[arg(long, default_value_t = 3)]
-    seeds: u64,
+    pub seeds: u64,
     /// Convergence benchmark with each optimizer's defaults only (no grid): the comparison a
     /// user who passes nothing but `--optim` gets, in a fifth of the time.
     #[arg(long)]
-    defaults_only: bool,
+    pub defaults_only: bool,
     /// Tasks of the convergence benchmark (default: all of mlp, small-cnn, resnet20, unet,
     /// mnist-mlp, mnist-resnet20).
     #[arg(long, value_delimiter = ',')]
-    tasks: Vec<String>,
+    pub tasks: Vec<String>,
     /// Measure the scale of each layer's curvature instead: BatchNorm ResNet-20 on real digits
     /// (datasets/data/mnist-5k at 32x32), batch 64, at initialisation and after 1 and 3 epochs
     /// of SGD; per layer the largest Fisher eigenvalue of each convolution mode against the
     /// damping and SpatialMean's rows against the exact per-sample gradients. Writes the CSV to
     /// --json's path with a .csv extension.
     #[arg(long)]
-    curvature_scale: bool,
+    pub curvature_scale: bool,
     /// Time whole training steps beside PyTorch's (`../shared/peer/torch_step.py`) instead:
     /// ResNet-32 at batch 128 and the U-Net (32 features) at batch 4 on 128x128, with SGD,
     /// K-FAC and HyLo.
     #[arg(long)]
-    peer_steps: bool,
+    pub peer_steps: bool,
     /// Time only the ResNet-32 training steps (at --step-batch, default 16) on --device, after a
     /// whole untimed pass of the same steps (GPU backends compile and autotune their kernels on
     /// first use).
     #[arg(long)]
-    steps_only: bool,
+    pub steps_only: bool,
     /// Time the CPU convolutions instead: Burn's Conv2d against CapturedConv2d's matrix
     /// products, forward and backward, per layer shape of ResNet-32 (batch 128), ResNet-50
     /// (batch 32 at 224x224; --quick: 64x64) and the U-Net (batch 4 at 128x128).
     #[arg(long)]
-    conv: bool,
+    pub conv: bool,
+    /// Run the sensitivity sweep instead: every optimizer at five learning rates around its
+    /// default (x0.1 to x10) and momenta 0 and 0.9, on an MLP on real digits, the BatchNorm
+    /// ResNet-20 and the U-Net (or --tasks), over --seeds seeds; writes the plot beside --json
+    /// (.png).
+    #[arg(long)]
+    pub sweep: bool,
 }
 
 #[derive(Serialize)]
@@ -109,6 +115,8 @@ fn device_arg(args: &Args) -> hylo_train::device::DeviceArg {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod studies;
+
 fn main() {
     let args = Args::parse();
     let device: hylo_train::device::DeviceArg = match args.device.parse() {
@@ -133,8 +141,15 @@ fn main() {
         }
         return;
     }
+    if args.sweep {
+        if let Err(e) = studies::sweep(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if args.convergence {
-        if let Err(e) = convergence(&args) {
+        if let Err(e) = studies::convergence(&args) {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
@@ -429,7 +444,7 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal; the report goes to stdout).
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     pb.set_style(
         ProgressStyle::with_template("{msg:40} {wide_bar} {pos}/{len} {elapsed_precise}")
@@ -437,88 +452,6 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
-}
-
-/// `--convergence`: every task, optimizer, setting and seed; a markdown table and JSON.
-fn convergence(args: &Args) -> Result<(), String> {
-    use hylo_benches::convergence::{grid, markdown, run, summarize, tasks, Setting, OPTIMIZERS};
-    let device = hylo_train::device::describe(args.device.parse()?)?;
-    let tasks: Vec<_> = tasks(args.quick)
-        .into_iter()
-        .filter(|t| args.tasks.is_empty() || args.tasks.iter().any(|n| n == t.name))
-        .collect();
-    if tasks.is_empty() {
-        return Err(format!(
-            "--tasks: none of {:?} is a task (mlp, small-cnn, resnet20, unet, mnist-mlp, \
-             mnist-resnet20)",
-            args.tasks
-        ));
-    }
-    let mut plan = Vec::new();
-    for task in &tasks {
-        for optimizer in OPTIMIZERS {
-            let mut settings = vec![Setting::DEFAULTS];
-            if !args.defaults_only {
-                settings.extend(grid(optimizer, task.command == "segment"));
-            }
-            for setting in settings {
-                for seed in 0..args.seeds {
-                    plan.push((task, optimizer, setting.clone(), seed));
-                }
-            }
-        }
-    }
-    let progress = bar(plan.len() as u64, "convergence runs");
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut results = Vec::new();
-    for (i, (task, optimizer, setting, seed)) in plan.into_iter().enumerate() {
-        progress.set_message(format!(
-            "{} {optimizer} {} seed {seed}",
-            task.name,
-            setting.label()
-        ));
-        let out = dir.path().join(i.to_string());
-        results.push(run(task, optimizer, &setting, seed, &args.device, &out)?);
-        let _ = std::fs::remove_dir_all(&out);
-        progress.inc(1);
-    }
-    progress.finish_and_clear();
-    let summaries = summarize(&results);
-    let mut md = format!(
-        "# hylo-bench convergence{}\n\nOn {device}; tasks:\n\n",
-        if args.quick { " (quick)" } else { "" }
-    );
-    for t in &tasks {
-        md.push_str(&format!(
-            "- {}: `hylo-train {} {}`, target {:.0}%\n",
-            t.name,
-            t.command,
-            t.args,
-            100.0 * t.target
-        ));
-    }
-    md.push('\n');
-    md.push_str(&markdown(&summaries, &tasks, args.seeds as usize));
-    let total: f64 = results.iter().map(|r| r.wall_s).sum();
-    md.push_str(&format!(
-        "\n{} runs, {:.0} s of training.\n",
-        results.len(),
-        total
-    ));
-    print!("{md}");
-    #[derive(Serialize)]
-    struct ConvergenceReport<'a> {
-        tasks: &'a [hylo_benches::convergence::Task],
-        runs: &'a [hylo_benches::convergence::RunResult],
-        summaries: &'a [hylo_benches::convergence::Summary],
-    }
-    let json = serde_json::to_string_pretty(&ConvergenceReport {
-        tasks: &tasks,
-        runs: &results,
-        summaries: &summaries,
-    })
-    .map_err(|e| e.to_string())?;
-    std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))
 }
 
 /// `--conv`: per-layer CPU convolution timings of ResNet-32, ResNet-50 and the U-Net.
@@ -576,7 +509,7 @@ fn conv_report(args: &Args) {
     let wrong: Vec<String> = all
         .iter()
         .flat_map(|(title, timings)| timings.iter().map(move |t| (title, t)))
-        .filter(|(_, t)| !(t.max_rel_err < 1e-4))
+        .filter(|(_, t)| t.max_rel_err.is_nan() || t.max_rel_err >= 1e-4)
         .map(|(title, t)| {
             format!(
                 "{title}: {} (relative error {:.1e})",

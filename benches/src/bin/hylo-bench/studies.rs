@@ -1,0 +1,168 @@
+//! The studies of `hylo-bench` that train whole runs: the convergence benchmark
+//! (`--convergence`) and the sensitivity sweep (`--sweep`).
+
+use serde::Serialize;
+
+use hylo_benches::convergence::{
+    grid, markdown, run, summarize, tasks, RunResult, Setting, Task, OPTIMIZERS,
+};
+
+use crate::{bar, Args};
+
+/// Runs every `(task, optimizer, setting, seed)` of `plan` in a temporary directory, with a
+/// progress bar.
+fn run_plan(
+    plan: Vec<(&Task, &str, Setting, u64)>,
+    device: &str,
+    what: &str,
+) -> Result<Vec<RunResult>, String> {
+    let progress = bar(plan.len() as u64, what);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut results = Vec::new();
+    for (i, (task, optimizer, setting, seed)) in plan.into_iter().enumerate() {
+        progress.set_message(format!(
+            "{} {optimizer} {} seed {seed}",
+            task.name,
+            setting.label()
+        ));
+        let out = dir.path().join(i.to_string());
+        results.push(run(task, optimizer, &setting, seed, device, &out)?);
+        let _ = std::fs::remove_dir_all(&out);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(results)
+}
+
+/// The tasks named in `--tasks` (all of `default` when it is empty).
+fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
+    let all = tasks(args.quick);
+    let names: Vec<&str> = all.iter().map(|t| t.name).collect();
+    let wanted: Vec<String> = if args.tasks.is_empty() {
+        default.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.tasks.clone()
+    };
+    let chosen: Vec<Task> = all
+        .iter()
+        .filter(|t| wanted.iter().any(|n| n == t.name))
+        .cloned()
+        .collect();
+    if chosen.len() != wanted.len() {
+        return Err(format!(
+            "--tasks: expected names among {names:?}, got {wanted:?}"
+        ));
+    }
+    Ok(chosen)
+}
+
+/// The task list of a report: each one's command line and target.
+fn task_lines(tasks: &[Task]) -> String {
+    tasks
+        .iter()
+        .map(|t| {
+            format!(
+                "- {}: `hylo-train {} {}`, target {:.0}%\n",
+                t.name,
+                t.command,
+                t.args,
+                100.0 * t.target
+            )
+        })
+        .collect()
+}
+
+fn write_json(args: &Args, value: &impl Serialize) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))
+}
+
+/// `--convergence`: every task, optimizer, setting and seed; a markdown table and JSON.
+pub fn convergence(args: &Args) -> Result<(), String> {
+    let device = hylo_train::device::describe(args.device.parse()?)?;
+    let all: Vec<&str> = tasks(false).iter().map(|t| t.name).collect();
+    let tasks = chosen_tasks(args, &all)?;
+    let mut plan = Vec::new();
+    for task in &tasks {
+        for optimizer in OPTIMIZERS {
+            let mut settings = vec![Setting::DEFAULTS];
+            if !args.defaults_only {
+                settings.extend(grid(optimizer, task.command == "segment"));
+            }
+            for setting in settings {
+                for seed in 0..args.seeds {
+                    plan.push((task, optimizer, setting.clone(), seed));
+                }
+            }
+        }
+    }
+    let results = run_plan(plan, &args.device, "convergence runs")?;
+    let summaries = summarize(&results);
+    let total: f64 = results.iter().map(|r| r.wall_s).sum();
+    print!(
+        "# hylo-bench convergence{}\n\nOn {device}; tasks:\n\n{}\n{}\n{} runs, {:.0} s of \
+         training.\n",
+        if args.quick { " (quick)" } else { "" },
+        task_lines(&tasks),
+        markdown(&summaries, &tasks, args.seeds as usize),
+        results.len(),
+        total
+    );
+    #[derive(Serialize)]
+    struct ConvergenceReport<'a> {
+        tasks: &'a [Task],
+        runs: &'a [RunResult],
+        summaries: &'a [hylo_benches::convergence::Summary],
+    }
+    write_json(
+        args,
+        &ConvergenceReport {
+            tasks: &tasks,
+            runs: &results,
+            summaries: &summaries,
+        },
+    )
+}
+
+/// `--sweep`: every optimizer over the learning rates and momenta of the sensitivity sweep, on
+/// its three tasks; a markdown table, `sweep.png` beside the JSON, and the JSON.
+pub fn sweep(args: &Args) -> Result<(), String> {
+    use hylo_benches::sweep::{curves, markdown, plot, settings, SWEEP_TASKS};
+    let device = hylo_train::device::describe(args.device.parse()?)?;
+    let tasks = chosen_tasks(args, &SWEEP_TASKS)?;
+    let mut plan = Vec::new();
+    for task in &tasks {
+        for optimizer in OPTIMIZERS {
+            for setting in settings(optimizer) {
+                for seed in 0..args.seeds {
+                    plan.push((task, optimizer, setting.clone(), seed));
+                }
+            }
+        }
+    }
+    let results = run_plan(plan, &args.device, "sweep runs")?;
+    let curves = curves(&results);
+    let png = args.json.with_extension("png");
+    plot(&curves, &tasks, &png)?;
+    print!(
+        "# hylo-bench sweep{}\n\nOn {device}; tasks:\n\n{}\n{}\nPlot: {}\n",
+        if args.quick { " (quick)" } else { "" },
+        task_lines(&tasks),
+        markdown(&curves, args.seeds as usize),
+        png.display()
+    );
+    #[derive(Serialize)]
+    struct SweepReport<'a> {
+        tasks: &'a [Task],
+        runs: &'a [RunResult],
+        curves: &'a [hylo_benches::sweep::Curve],
+    }
+    write_json(
+        args,
+        &SweepReport {
+            tasks: &tasks,
+            runs: &results,
+            curves: &curves,
+        },
+    )
+}
