@@ -58,7 +58,8 @@ pub struct Curve {
     pub optimizer: String,
     /// `--momentum`, or `None` for optimizers with their own.
     pub momentum: Option<f64>,
-    /// `(learning rate, lowest final metric over the seeds, runs that diverged)`.
+    /// `(learning rate, lowest final metric over the seeds (the mean of the last epoch's
+    /// checks), runs that diverged)`.
     pub points: Vec<(f64, f64, usize)>,
 }
 
@@ -104,10 +105,10 @@ pub fn curves(runs: &[RunResult]) -> Vec<Curve> {
         let diverged = usize::from(r.diverged);
         match curve.points.iter_mut().find(|p| p.0 == lr) {
             Some(p) => {
-                p.1 = p.1.min(r.last);
+                p.1 = p.1.min(r.last_epoch_mean);
                 p.2 += diverged;
             }
-            None => curve.points.push((lr, r.last, diverged)),
+            None => curve.points.push((lr, r.last_epoch_mean, diverged)),
         }
     }
     for c in &mut out {
@@ -209,6 +210,7 @@ mod tests {
             },
             seed,
             last,
+            last_epoch_mean: last,
             best: last,
             steps_to_target: None,
             time_to_target: None,
