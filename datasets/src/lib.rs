@@ -8,6 +8,7 @@ pub mod augment;
 pub mod batcher;
 pub mod cifar;
 pub mod error;
+pub mod fixtures;
 pub mod folders;
 pub mod idx;
 pub mod image_folder;

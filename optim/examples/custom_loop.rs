@@ -63,13 +63,22 @@ fn main() {
             // Instead of `GradientsParams::from_grads(loss.backward(), &model)`: the handle
             // reads the curvature the layers captured and keeps what adaptive damping needs.
             let grads = capture.gradients_with_loss(loss, &model, batch, loss_of);
-            model = optim.step(0.1, model, grads);
+            // `Optimizer::step` that also says when the optimizer gave up (too many blown-up
+            // curvature periods in a row): the module comes back with the error.
+            model = match optim.try_step(0.1, model, grads) {
+                Ok(model) => model,
+                Err(gave_up) => {
+                    eprintln!("{}", gave_up.error);
+                    return;
+                }
+            };
         }
         let loss = loss_of(&model, &(x.clone(), y.clone()));
         println!(
-            "epoch {epoch}: loss {:.4}, damping {:.3}, mode {:?}",
+            "epoch {epoch}: loss {:.4}, damping {:.3}, step-length factor {:.2}, mode {:?}",
             loss.into_scalar(),
             optim.damping(),
+            optim.step_scale(),
             optim.mode()
         );
     }

@@ -38,6 +38,9 @@ pub enum Command {
     Info(InfoArgs),
     /// Plot several runs' curves against wall time and epochs.
     Compare(CompareArgs),
+    /// Print the training flags of classify and segment with their defaults, as a markdown
+    /// table (the README's table is this output).
+    Flags,
 }
 
 /// `info`.
@@ -102,7 +105,76 @@ pub fn run(cli: Cli) -> Result<(), String> {
             println!("wrote {}", c.out.display());
             Ok(())
         }
+        Some(Command::Flags) => {
+            print!("{}", flags_markdown());
+            Ok(())
+        }
     }
+}
+
+/// The training flags (classify, segment) as a markdown table: flag, default, what it does
+/// (the first sentence of its help), generated from the command-line definition itself.
+pub fn flags_markdown() -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let classify = cli
+        .find_subcommand("classify")
+        .expect("classify is a subcommand");
+    let mut out = String::from("| flag | default | what it sets |\n|---|---|---|\n");
+    for arg in classify.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if long == "help" {
+            continue;
+        }
+        let switch = matches!(
+            arg.get_action(),
+            clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
+        );
+        let takes_value = !switch;
+        let flag = if takes_value {
+            let value = arg
+                .get_value_names()
+                .and_then(|v| v.first().map(|s| s.to_string()))
+                .unwrap_or_else(|| long.replace('-', "_").to_uppercase());
+            format!("`--{long} {value}`")
+        } else {
+            format!("`--{long}`")
+        };
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = if defaults.is_empty() {
+            "-".to_string()
+        } else {
+            format!("`{}`", defaults.join(","))
+        };
+        let mut help = arg
+            .get_long_help()
+            .or_else(|| arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+            .replace('\n', " ")
+            .replace('|', "\\|");
+        let values: Vec<String> = if switch {
+            Vec::new()
+        } else {
+            arg.get_possible_values()
+        }
+        .iter()
+        .filter(|v| !v.is_hide_set())
+        .map(|v| v.get_name().to_string())
+        .collect();
+        if !help.is_empty() && !help.ends_with('.') {
+            help.push('.');
+        }
+        if !values.is_empty() {
+            help.push_str(&format!(" One of: {}.", values.join(", ")));
+        }
+        out.push_str(&format!("| {flag} | {default} | {help} |\n"));
+    }
+    out
 }
 
 /// Prints the run's summary line on rank 0 (the only rank that writes).

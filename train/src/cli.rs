@@ -233,8 +233,8 @@ pub struct TrainArgs {
     /// Learning-rate factor at each milestone.
     #[arg(long, default_value_t = 0.1)]
     pub lr_decay: f64,
-    /// Damping lambda: `auto` (Levenberg-Marquardt on the reduction ratio of each refresh
-    /// period, from 1 and between 1e-4 and 1e3; `auto:START` starts elsewhere) or a value
+    /// Damping lambda: `auto` (Levenberg-Marquardt on the reduction ratio of each curvature
+    /// period, from 1 and kept between 1e-6 and 10; `auto:START` starts elsewhere) or a value
     /// (constant, or decaying with --target-damping).
     #[arg(long, default_value = "auto")]
     pub damping: DampingArg,
@@ -273,8 +273,9 @@ pub struct TrainArgs {
     #[serde(default = "default_graft")]
     pub graft: String,
     /// Step-length trust region of the natural-gradient optimizers with `--damping auto`: auto
-    /// (a factor on the learning rate, shortened when a curvature period's step overshoots and
-    /// grown back, up to 1, when the quadratic model predicts it well) or off.
+    /// (a factor on the learning rate, shortened when the loss of a curvature period's first
+    /// batch rose over the period or the quadratic model predicts an overshoot, grown back up
+    /// to 1 otherwise) or off.
     #[arg(long, value_enum, default_value = "auto")]
     #[serde(default = "default_step_length")]
     pub step_length: StepLengthArg,
@@ -293,9 +294,15 @@ pub struct TrainArgs {
     /// Seed of weights, data order and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory (config.json, metrics.csv, train.log, curves.png, checkpoint/).
-    #[arg(long, default_value = "runs/latest")]
-    pub out: PathBuf,
+    /// Output directory (config.json, metrics.csv, train.log, curves.png, checkpoint/); by
+    /// default a new `runs/<command>-<model>-<optim>[-N]`. A directory holding a run is refused
+    /// (resume it with --resume, or pass --overwrite).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Let --out replace the run it holds.
+    #[arg(long)]
+    #[serde(default)]
+    pub overwrite: bool,
     /// Stop after this many optimizer steps (a checkpoint is saved; --resume continues).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -428,6 +435,13 @@ impl TrainArgs {
     /// The step-length trust region's settings.
     pub fn step_length(&self) -> hylo_optim::StepLengthConfig {
         hylo_optim::StepLengthConfig::new().with_adaptive(self.step_length == StepLengthArg::Auto)
+    }
+
+    /// The output directory (resolved by `run_training` before a run starts).
+    pub fn out_dir(&self) -> &std::path::Path {
+        self.out
+            .as_deref()
+            .unwrap_or(std::path::Path::new("runs/latest"))
     }
 
     /// The peak learning rate: `--lr`, or the optimizer's default (Adam's 0.001, 0.1 for the

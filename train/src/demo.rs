@@ -83,7 +83,9 @@ pub fn demo_train_args(demo: &DemoArgs, optim: OptimName) -> TrainArgs {
     args.freq = 5;
     args.device = demo.device.clone();
     args.seed = demo.seed;
-    args.out = demo.out.join(format!("{optim:?}").to_lowercase());
+    args.out = Some(demo.out.join(format!("{optim:?}").to_lowercase()));
+    // The demo's own folders: a second demo replaces the first.
+    args.overwrite = true;
     args
 }
 
@@ -99,10 +101,11 @@ pub fn run(demo: &DemoArgs) -> Result<Vec<DemoResult>, String> {
         let mut warmup = args.clone();
         warmup.max_steps = Some(2);
         warmup.time_budget = None;
-        warmup.out = demo
-            .out
-            .join("warmup")
-            .join(format!("{optim:?}").to_lowercase());
+        warmup.out = Some(
+            demo.out
+                .join("warmup")
+                .join(format!("{optim:?}").to_lowercase()),
+        );
         let started = std::time::Instant::now();
         run_training(
             "classify",
@@ -112,7 +115,7 @@ pub fn run(demo: &DemoArgs) -> Result<Vec<DemoResult>, String> {
             },
         )?;
         let warmup_s = started.elapsed().as_secs_f64();
-        dirs.push(args.out.clone());
+        dirs.push(args.out_dir().to_path_buf());
         let outcome = run_training("classify", TrainCommand { args, resume: None })?;
         let time_to_target = outcome
             .rows

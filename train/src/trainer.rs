@@ -112,7 +112,7 @@ impl<B: AutodiffBackend> Setup<'_, B> {
     /// Writes a line to `train.log` (the rank that writes).
     fn log(&self, line: &str) {
         if self.workers.writes() {
-            output::log(&self.args.out, line);
+            output::log(self.args.out_dir(), line);
         }
     }
 
@@ -230,7 +230,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         setup
             .workers
             .check_same_config(&serde_json::to_string(args).map_err(|e| e.to_string())?)?;
-        let out = args.out.as_path();
+        let out = args.out_dir();
         let optim =
             AnyOptimizer::<M, B>::build(args, steps_per_epoch, setup.capture, setup.workers)?;
         let (model, optim, state) = if resume {
@@ -596,7 +596,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     }
 
     fn checkpoint(&self) -> Result<(), String> {
-        output::save_checkpoint(&self.setup.args.out, &self.state, |paths| {
+        output::save_checkpoint(self.setup.args.out_dir(), &self.state, |paths| {
             self.model
                 .clone()
                 .save_file(paths.model(), &CheckpointRecorder::new())
@@ -608,7 +608,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// Writes `metrics.csv` from the run's rows and redraws `curves.png` (rank 0, after the
     /// checkpoint).
     fn publish(&self) -> Result<(), String> {
-        let out = self.setup.args.out.as_path();
+        let out = self.setup.args.out_dir();
         output::write_metrics(&out.join("metrics.csv"), &self.state.rows, M::SEGMENTS)?;
         if let Err(e) = crate::plot::curves(&out.join("metrics.csv"), &out.join("curves.png")) {
             output::log(out, &format!("could not draw curves.png: {e}"));

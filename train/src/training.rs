@@ -38,19 +38,23 @@ pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String>
                     dir.display()
                 ));
             }
-            args.out = dir.clone();
+            args.out = Some(dir.clone());
             args.max_steps = cmd.args.max_steps;
             args.time_budget = cmd.args.time_budget;
             (args, true)
         }
         None => (cmd.args, false),
     };
+    let mut args = args;
     args.validate()?;
     let model: ModelName = args.model.parse()?;
     if (command == "segment") != model.is_segmenter() {
         return Err(format!("`{command}` cannot train --model {model}: use classify for classifiers and segment for unet"));
     }
     let workers = start_workers(&args)?;
+    if !resume {
+        args.out = Some(output_dir(&args, command, &workers.0)?);
+    }
     let result = with_backend!(args.device()?, |B, device| train_on::<B>(
         &args, command, model, resume, &device, &workers.0
     ));
@@ -61,9 +65,58 @@ pub fn run_training(command: &str, cmd: TrainCommand) -> Result<Outcome, String>
         Err(e) => return Err(e),
     };
     if workers.0.writes() {
-        outcome.summary = Some(summary(&outcome, model.is_segmenter(), &args.out));
+        outcome.summary = Some(summary(&outcome, model.is_segmenter(), args.out_dir()));
     }
     Ok(outcome)
+}
+
+/// Where a new run writes: `--out` unless it holds a run already (refused without
+/// `--overwrite`), or the first free `runs/<command>-<model>-<optim>[-N]`. Distributed runs
+/// need `--out` (every rank must name the same folder), and only the writing rank checks it.
+pub fn output_dir(
+    args: &crate::cli::TrainArgs,
+    command: &str,
+    workers: &Workers,
+) -> Result<PathBuf, String> {
+    if args.out.is_none() && workers.distributed() {
+        return Err(
+            "--distributed needs --out DIR (one folder, on a filesystem every rank sees)".into(),
+        );
+    }
+    if let Some(dir) = &args.out {
+        if workers.writes() && holds_run(dir) && !args.overwrite {
+            return Err(format!(
+                "--out {}: it holds a run already; continue it with --resume {}, pass \
+                 --overwrite to replace it, or give another --out",
+                dir.display(),
+                dir.display()
+            ));
+        }
+        return Ok(dir.clone());
+    }
+    let optim = format!("{:?}", args.optim).to_lowercase();
+    Ok(free_run_dir(
+        std::path::Path::new("runs"),
+        &format!("{command}-{}-{optim}", args.model),
+    ))
+}
+
+/// Whether `dir` holds a run (its config, metrics or checkpoint).
+fn holds_run(dir: &std::path::Path) -> bool {
+    ["config.json", "metrics.csv", "checkpoint"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
+/// `root/name`, or `root/name-2`, `-3`, ... : the first that holds no run.
+pub fn free_run_dir(root: &std::path::Path, name: &str) -> PathBuf {
+    let mut dir = root.join(name);
+    let mut n = 1;
+    while holds_run(&dir) {
+        n += 1;
+        dir = root.join(format!("{name}-{n}"));
+    }
+    dir
 }
 
 /// One line on how a run ended.

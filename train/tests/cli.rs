@@ -188,6 +188,46 @@ fn resume_errors_are_clear() {
 }
 
 #[test]
+fn a_folder_holding_a_run_is_not_overwritten_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    run_training("classify", tiny("sgd", &out, "--epochs 1")).unwrap();
+    let first = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let err = run_training("classify", tiny("sgd", &out, "--epochs 1 --lr 0.05")).unwrap_err();
+    assert!(
+        err.contains("holds a run already")
+            && err.contains("--resume")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.csv")).unwrap(),
+        first
+    );
+    run_training(
+        "classify",
+        tiny("sgd", &out, "--epochs 1 --lr 0.05 --overwrite"),
+    )
+    .unwrap();
+    assert_ne!(
+        std::fs::read_to_string(out.join("metrics.csv")).unwrap(),
+        first
+    );
+    // Without --out: the first free runs/<command>-<model>-<optim>[-N].
+    let root = dir.path().join("runs");
+    assert_eq!(
+        hylo_train::training::free_run_dir(&root, "classify-mlp-sgd"),
+        root.join("classify-mlp-sgd")
+    );
+    std::fs::create_dir_all(root.join("classify-mlp-sgd")).unwrap();
+    std::fs::write(root.join("classify-mlp-sgd/config.json"), "{}").unwrap();
+    assert_eq!(
+        hylo_train::training::free_run_dir(&root, "classify-mlp-sgd"),
+        root.join("classify-mlp-sgd-2")
+    );
+}
+
+#[test]
 fn segmentation_runs_with_dice_and_compare_draws_runs() {
     let dir = tempfile::tempdir().unwrap();
     let seg = dir.path().join("seg");
