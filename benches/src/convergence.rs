@@ -340,11 +340,7 @@ pub fn last_epoch_mean(checks: &[(u64, f64, f64)], rows: &[MetricsRow]) -> Optio
         1 => 0,
         n => rows[n - 2].step,
     };
-    let last: Vec<f64> = checks
-        .iter()
-        .filter(|c| c.0 > after)
-        .map(|c| c.2)
-        .collect();
+    let last: Vec<f64> = checks.iter().filter(|c| c.0 > after).map(|c| c.2).collect();
     (!last.is_empty()).then(|| last.iter().sum::<f64>() / last.len() as f64)
 }
 

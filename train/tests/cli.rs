@@ -324,7 +324,6 @@ fn the_demo_runs_every_optimizer_and_draws() {
     let dir = tempfile::tempdir().unwrap();
     let demo = DemoArgs {
         budget: 1.0,
-        train_samples: 256,
         out: dir.path().to_path_buf(),
         ..DemoArgs::default()
     };
@@ -339,6 +338,10 @@ fn the_demo_runs_every_optimizer_and_draws() {
         "{t}"
     );
     assert!(dir.path().join("demo.png").is_file());
+    // The real digits, from the binary: 4,000 training images, 62 steps an epoch at batch 64.
+    assert!(dir.path().join("data/train-images-idx3-ubyte.gz").is_file());
+    let log = std::fs::read_to_string(dir.path().join("sgd/config.json")).unwrap();
+    assert!(log.contains("\"dataset\": \"mnist\""), "{log}");
 }
 
 #[test]

@@ -416,7 +416,7 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     );
     match hylo_train::demo::run(&demo) {
         Ok(results) => {
-            writeln!(md, "## Time to accuracy: small CNN on the synthetic set, {budget:.0} s per optimizer\n\n{}", hylo_train::demo::table(&results, demo.target)).unwrap();
+            writeln!(md, "## Time to accuracy: the demo (small CNN on the MNIST digits), {budget:.0} s per optimizer\n\n{}", hylo_train::demo::table(&results, demo.target)).unwrap();
             report.demo = results
                 .iter()
                 .map(|r| {
