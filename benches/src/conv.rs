@@ -9,7 +9,7 @@ use burn::tensor::{Distribution, Tensor};
 use hylo_optim::capture::LayerGeometry;
 use hylo_optim::gemm_conv::ConvPath;
 use hylo_optim::{CaptureHandle, CapturedConv2d};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::layers::LayerCase;
 use crate::seconds;
@@ -17,7 +17,7 @@ use crate::seconds;
 type B = Autodiff<Flex>;
 
 /// Forward and backward seconds of one convolution shape, Burn's against ours.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConvTiming {
     /// `conv2d 64->64 k3x3 s1`.
     pub shape: String,

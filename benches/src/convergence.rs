@@ -7,19 +7,19 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use hylo_train::app::{run_training, Cli, Command, TrainCommand};
 use hylo_train::output::MetricsRow;
 
 /// One task: a `hylo-train` command line without optimizer, learning rate, damping, seed and
 /// output, and the validation metric (accuracy or Dice) that counts as reached.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Task {
     /// Short name.
-    pub name: &'static str,
+    pub name: String,
     /// `classify` or `segment`.
-    pub command: &'static str,
+    pub command: String,
     /// The rest of the command line.
     pub args: String,
     /// Validation metric to reach.
@@ -54,8 +54,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
     let digits = digits_dir();
     vec![
         Task {
-            name: "mlp",
-            command: "classify",
+            name: "mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset synthetic --classes 16 --noise 1.0 --image-size 12 \
                  --train-samples 512 --val-samples 512 --batch-size 32 --epochs {}",
@@ -66,8 +66,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 4,
         },
         Task {
-            name: "small-cnn",
-            command: "classify",
+            name: "small-cnn".into(),
+            command: "classify".into(),
             args: format!(
                 "--model small-cnn --dataset synthetic --classes 16 --noise 1.0 --image-size 16 \
                  --train-samples 512 --val-samples 512 --batch-size 32 --epochs {}",
@@ -78,8 +78,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 4,
         },
         Task {
-            name: "resnet20",
-            command: "classify",
+            name: "resnet20".into(),
+            command: "classify".into(),
             args: format!(
                 "--model resnet20 --dataset synthetic --classes 10 --noise 1.0 --channels 3 \
                  --image-size 16 --train-samples 512 --val-samples 256 --batch-size 32 \
@@ -91,8 +91,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 4,
         },
         Task {
-            name: "unet",
-            command: "segment",
+            name: "unet".into(),
+            command: "segment".into(),
             args: format!(
                 "--model unet --dataset shapes --init-features 8 --image-size 32 \
                  --train-samples 256 --val-samples 64 --batch-size 16 --epochs {}",
@@ -103,8 +103,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 4,
         },
         Task {
-            name: "mnist-mlp",
-            command: "classify",
+            name: "mnist-mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset mnist --data-dir {} --batch-size 64 --epochs {}",
                 mnist.display(),
@@ -115,8 +115,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 16,
         },
         Task {
-            name: "mnist-resnet20",
-            command: "classify",
+            name: "mnist-resnet20".into(),
+            command: "classify".into(),
             args: format!(
                 "--model resnet20 --dataset mnist --data-dir {} --channels 1 --image-size 32 \
                  --batch-size 64 --epochs {}",
@@ -128,8 +128,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 16,
         },
         Task {
-            name: "digits-mlp",
-            command: "classify",
+            name: "digits-mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset mnist --data-dir {} --batch-size 64 --epochs {}",
                 digits.display(),
@@ -140,8 +140,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 6,
         },
         Task {
-            name: "mnist-lowres-mlp",
-            command: "classify",
+            name: "mnist-lowres-mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset mnist --data-dir {} --low-res 7 --batch-size 64 \
                  --epochs {}",
@@ -153,8 +153,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 16,
         },
         Task {
-            name: "mnist-raw-mlp",
-            command: "classify",
+            name: "mnist-raw-mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset mnist --data-dir {} --normalize raw --batch-size 64 \
                  --epochs {}",
@@ -166,8 +166,8 @@ pub fn tasks(quick: bool) -> Vec<Task> {
             check_every: 16,
         },
         Task {
-            name: "mnist-deep-mlp",
-            command: "classify",
+            name: "mnist-deep-mlp".into(),
+            command: "classify".into(),
             args: format!(
                 "--model mlp --dataset mnist --data-dir {} --hidden 256,256,256 --batch-size 64 \
                  --epochs {}",
@@ -186,7 +186,7 @@ pub fn tasks(quick: bool) -> Vec<Task> {
 pub const OPTIMIZERS: [&str; 6] = ["sgd", "adam", "neumann", "kfac", "sngd", "hylo"];
 
 /// A setting of one run: the defaults, or a grid point.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Setting {
     /// `--lr`, or the default.
     pub lr: Option<f64>,
@@ -257,10 +257,10 @@ pub fn grid(optimizer: &str, segmentation: bool) -> Vec<Setting> {
 }
 
 /// The outcome of one run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResult {
     /// Task name.
-    pub task: &'static str,
+    pub task: String,
     /// Optimizer.
     pub optimizer: String,
     /// Its setting.
@@ -368,7 +368,7 @@ pub fn run(
         _ => return Err(format!("{line}: not a training command")),
     };
     let started = std::time::Instant::now();
-    let outcome = run_training(task.command, cmd);
+    let outcome = run_training(&task.command, cmd);
     let wall_s = started.elapsed().as_secs_f64();
     // A run that stopped with an error (divergence, NaN) keeps the rows of its finished epochs.
     let rows = match &outcome {
@@ -388,7 +388,7 @@ pub fn run(
     checks.sort_by_key(|c| c.0);
     let reached = checks.iter().find(|c| c.2 >= task.target);
     Ok(RunResult {
-        task: task.name,
+        task: task.name.clone(),
         optimizer: optimizer.into(),
         setting: setting.clone(),
         seed,
@@ -416,7 +416,7 @@ pub fn run(
 }
 
 /// One setting over its seeds, each figure the worst seed's.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SeedScore {
     /// The lowest final metric.
     pub last: f64,
@@ -435,10 +435,10 @@ pub struct SeedScore {
 }
 
 /// Per task and optimizer: the defaults and the grid, over the seeds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
     /// Task name.
-    pub task: &'static str,
+    pub task: String,
     /// Optimizer.
     pub optimizer: String,
     /// The defaults.
@@ -480,10 +480,10 @@ pub fn over_seeds(runs: &[&RunResult]) -> SeedScore {
 
 /// Summaries of `results` per task and optimizer, in the order they first appear.
 pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
-    let mut keys: Vec<(&'static str, String)> = Vec::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
     for r in results {
         if !keys.iter().any(|(t, o)| *t == r.task && *o == r.optimizer) {
-            keys.push((r.task, r.optimizer.clone()));
+            keys.push((r.task.clone(), r.optimizer.clone()));
         }
     }
     keys.into_iter()
@@ -586,6 +586,64 @@ pub fn markdown(summaries: &[Summary], tasks: &[Task], seeds: usize) -> String {
     out
 }
 
+/// The README's table of the defaults: a row per task, a column per optimizer, each cell the
+/// worst seed's final metric (mean of the last epoch's checks) and slowest training time to
+/// the target (`-`: a seed missed it), `(dN)` for diverged runs.
+pub fn readme_table(summaries: &[Summary], tasks: &[Task]) -> String {
+    let mut out = String::from("| task (target) |");
+    for o in OPTIMIZERS {
+        out.push_str(&format!(" {} |", optimizer_label(o)));
+    }
+    out.push_str(&format!("\n|---|{}\n", "---|".repeat(OPTIMIZERS.len())));
+    for task in tasks {
+        out.push_str(&format!("| {} ({:.0}%) |", task.name, 100.0 * task.target));
+        for o in OPTIMIZERS {
+            match summaries
+                .iter()
+                .find(|s| s.task == task.name && s.optimizer == o)
+            {
+                Some(s) => {
+                    let time = s.defaults.time.map_or("-".to_string(), seconds);
+                    let diverged = if s.defaults.diverged > 0 {
+                        format!(" (d{})", s.defaults.diverged)
+                    } else {
+                        String::new()
+                    };
+                    out.push_str(&format!(
+                        " {:.1}%, {time}{diverged} |",
+                        100.0 * s.defaults.last_epoch_mean
+                    ));
+                }
+                None => out.push_str(" |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `1.2 s`, `35 s`: two significant digits below 10 s.
+fn seconds(t: f64) -> String {
+    if t < 10.0 {
+        format!("{t:.1} s")
+    } else {
+        format!("{t:.0} s")
+    }
+}
+
+/// How the README names an optimizer.
+fn optimizer_label(o: &str) -> &str {
+    match o {
+        "sgd" => "SGD",
+        "adam" => "Adam",
+        "neumann" => "Neumann",
+        "kfac" => "K-FAC",
+        "sngd" => "SNGD",
+        "hylo" => "HyLo",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,7 +656,7 @@ mod tests {
         t: Option<f64>,
     ) -> RunResult {
         RunResult {
-            task: "t",
+            task: "t".into(),
             optimizer: optimizer.into(),
             setting,
             seed,

@@ -5,11 +5,13 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod comm;
 pub mod conv;
 pub mod convergence;
 pub mod curvature_scale;
 pub mod layers;
+pub mod results;
 pub mod steps;
 pub mod sweep;
 

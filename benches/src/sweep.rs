@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::convergence::{default_lr, RunResult, Setting, Task};
 use hylo_train::plot::{draw, Panel, Series};
@@ -50,7 +50,7 @@ fn round(x: f64) -> f64 {
 }
 
 /// One curve of the sweep: a task, an optimizer and a momentum over the learning rates.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Curve {
     /// Task name.
     pub task: String,
@@ -86,7 +86,7 @@ pub fn curves(runs: &[RunResult]) -> Vec<Curve> {
     let mut out: Vec<Curve> = Vec::new();
     for r in runs {
         let Some(lr) = r.setting.lr else { continue };
-        let key = (r.task, r.optimizer.as_str(), r.setting.momentum);
+        let key = (r.task.as_str(), r.optimizer.as_str(), r.setting.momentum);
         let at = out.iter().position(|c| {
             (c.task.as_str(), c.optimizer.as_str(), c.momentum) == (key.0, key.1, key.2)
         });
@@ -94,7 +94,7 @@ pub fn curves(runs: &[RunResult]) -> Vec<Curve> {
             Some(i) => &mut out[i],
             None => {
                 out.push(Curve {
-                    task: r.task.into(),
+                    task: r.task.clone(),
                     optimizer: r.optimizer.clone(),
                     momentum: r.setting.momentum,
                     points: Vec::new(),
@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn curves_take_the_worst_seed_and_count_divergence() {
         let run = |lr: f64, seed: u64, last: f64, diverged: bool| RunResult {
-            task: "t",
+            task: "t".into(),
             optimizer: "sgd".into(),
             setting: Setting {
                 momentum: Some(0.9),

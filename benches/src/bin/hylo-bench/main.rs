@@ -80,6 +80,15 @@ pub struct Args {
     /// (.png).
     #[arg(long)]
     pub sweep: bool,
+    /// Run the batch-size study instead: the BatchNorm ResNet-20 on the MNIST digits at batches
+    /// 32 to 512 with every optimizer, learning rates scaled with the batch, one epoch of
+    /// warm-up, over --seeds seeds; writes the plot beside --json (.png).
+    #[arg(long)]
+    pub batch_study: bool,
+    /// Print BENCHMARKS.md generated from the result files in this folder instead
+    /// (benches/results).
+    #[arg(long, value_name = "DIR")]
+    pub markdown: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -136,6 +145,23 @@ fn main() {
     }
     if args.curvature_scale {
         if let Err(e) = curvature_scale(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if let Some(dir) = &args.markdown {
+        match hylo_benches::results::benchmarks_md(dir) {
+            Ok(md) => print!("{md}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
+    if args.batch_study {
+        if let Err(e) = studies::batch_study(&args) {
             eprintln!("error: {e}");
             std::process::exit(2);
         }

@@ -37,7 +37,7 @@ fn run_plan(
 /// The tasks named in `--tasks` (all of `default` when it is empty).
 fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
     let all = tasks(args.quick);
-    let names: Vec<&str> = all.iter().map(|t| t.name).collect();
+    let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
     let wanted: Vec<String> = if args.tasks.is_empty() {
         default.iter().map(|s| s.to_string()).collect()
     } else {
@@ -45,7 +45,7 @@ fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
     };
     let chosen: Vec<Task> = all
         .iter()
-        .filter(|t| wanted.iter().any(|n| n == t.name))
+        .filter(|t| wanted.iter().any(|n| *n == t.name))
         .cloned()
         .collect();
     if chosen.len() != wanted.len() {
@@ -80,7 +80,8 @@ fn write_json(args: &Args, value: &impl Serialize) -> Result<(), String> {
 /// `--convergence`: every task, optimizer, setting and seed; a markdown table and JSON.
 pub fn convergence(args: &Args) -> Result<(), String> {
     let device = hylo_train::device::describe(args.device.parse()?)?;
-    let all: Vec<&str> = tasks(false).iter().map(|t| t.name).collect();
+    let all: Vec<String> = tasks(false).into_iter().map(|t| t.name).collect();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let tasks = chosen_tasks(args, &all)?;
     let mut plan = Vec::new();
     for task in &tasks {
@@ -163,6 +164,46 @@ pub fn sweep(args: &Args) -> Result<(), String> {
             tasks: &tasks,
             runs: &results,
             curves: &curves,
+        },
+    )
+}
+
+/// `--batch-study`: every optimizer at every batch of the batch-size study; a markdown table,
+/// `batch.png` beside the JSON, and the JSON.
+pub fn batch_study(args: &Args) -> Result<(), String> {
+    use hylo_benches::batch::{markdown, plot, points, setting, task, BATCHES};
+    let device = hylo_train::device::describe(args.device.parse()?)?;
+    let tasks: Vec<Task> = BATCHES.iter().map(|b| task(*b)).collect();
+    let mut plan = Vec::new();
+    for (task, batch) in tasks.iter().zip(BATCHES) {
+        for optimizer in OPTIMIZERS {
+            for seed in 0..args.seeds {
+                plan.push((task, optimizer, setting(optimizer, batch), seed));
+            }
+        }
+    }
+    let results = run_plan(plan, &args.device, "batch-size runs")?;
+    let points = points(&results);
+    let png = args.json.with_extension("png");
+    plot(&points, &png)?;
+    print!(
+        "# hylo-bench batch study\n\nOn {device}; tasks:\n\n{}\n{}\nPlot: {}\n",
+        task_lines(&tasks),
+        markdown(&points, args.seeds as usize),
+        png.display()
+    );
+    #[derive(Serialize)]
+    struct BatchReport<'a> {
+        tasks: &'a [Task],
+        runs: &'a [RunResult],
+        points: &'a [hylo_benches::batch::Point],
+    }
+    write_json(
+        args,
+        &BatchReport {
+            tasks: &tasks,
+            runs: &results,
+            points: &points,
         },
     )
 }

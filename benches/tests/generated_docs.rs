@@ -1,0 +1,43 @@
+//! The numbers in BENCHMARKS.md and the README's defaults table come from the committed result
+//! files: regenerating them changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use hylo_benches::convergence::{readme_table, summarize, RunResult, Task};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn benchmarks_md_is_generated_from_the_results() {
+    let expected = hylo_benches::results::benchmarks_md(&repo().join("benches/results")).unwrap();
+    let committed = std::fs::read_to_string(repo().join("BENCHMARKS.md")).unwrap();
+    assert!(
+        committed == expected,
+        "BENCHMARKS.md is not `hylo-bench --markdown benches/results`'s output: regenerate it"
+    );
+}
+
+#[test]
+fn the_readmes_defaults_table_is_the_convergence_results() {
+    #[derive(serde::Deserialize)]
+    struct Study {
+        tasks: Vec<Task>,
+        runs: Vec<RunResult>,
+    }
+    let path = repo().join("benches/results/convergence.json");
+    let study: Study = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let table = readme_table(&summarize(&study.runs), &study.tasks);
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let begin = "<!-- defaults:begin -->\n";
+    let start = readme.find(begin).expect("defaults markers") + begin.len();
+    let end = readme
+        .find("<!-- defaults:end -->")
+        .expect("defaults end marker");
+    assert_eq!(
+        &readme[start..end],
+        table,
+        "README.md's defaults table is not the one of benches/results/convergence.json"
+    );
+}
