@@ -45,7 +45,7 @@ fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
     };
     let chosen: Vec<Task> = all
         .iter()
-        .filter(|t| wanted.iter().any(|n| *n == t.name))
+        .filter(|t| wanted.contains(&t.name))
         .cloned()
         .collect();
     if chosen.len() != wanted.len() {
