@@ -62,7 +62,7 @@ fn mask_folders_pair_images_and_masks_by_name_and_name_what_is_missing() {
         panic!("a mask")
     };
     assert_eq!(mask.len(), 256);
-    assert!(mask.iter().any(|v| *v == 1.0) && mask.iter().any(|v| *v == 0.0));
+    assert!(mask.contains(&1.0) && mask.contains(&0.0));
     // A missing mask names the image and where its mask was expected.
     std::fs::remove_file(dir.path().join("train/masks/3.png")).unwrap();
     let err = MaskFolder::scan(dir.path(), "train", shape)

@@ -8,7 +8,6 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::LinearConfig;
-use burn::optim::Optimizer;
 use burn::tensor::{activation::relu, backend::Backend, Distribution, Int, Tensor};
 use hylo_optim::{CaptureHandle, CapturedLinear, CurvatureConfig, HyloConfig};
 
