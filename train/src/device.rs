@@ -141,14 +141,52 @@ pub fn cuda_ready(index: usize) -> Result<(), String> {
     result
 }
 
-/// What computes for `device`: the backend and, for WGPU, the adapter (which it initialises).
+/// Whether this build has Burn's autotune (features `cuda` or `autotune`): one switch for every
+/// GPU backend of the build.
+pub const AUTOTUNE: bool = cfg!(feature = "autotune");
+
+/// `autotune on`/`autotune off`, for the run log.
+pub fn autotune_state() -> &'static str {
+    if AUTOTUNE {
+        "autotune on"
+    } else {
+        "autotune off"
+    }
+}
+
+/// Refuses a CPU-emulated WGPU adapter in a build with autotune: on lavapipe it picked a
+/// reduction that returns zeros for long rows (wrong results, not slow ones).
+pub fn check_autotune(adapter_is_software: bool, autotune: bool) -> Result<(), String> {
+    if adapter_is_software && autotune {
+        return Err(
+            "this build has Burn's autotune (feature cuda or autotune), which on a \
+                    CPU-emulated WGPU adapter such as lavapipe picks kernels that return wrong \
+                    sums; build with --features wgpu alone to run on it"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The WGPU adapter, checked against this build's autotune.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_checked() -> Result<WgpuAdapter, String> {
+    let adapter = wgpu_adapter()?;
+    check_autotune(adapter.software, AUTOTUNE)?;
+    Ok(adapter)
+}
+
+/// What computes for `device`: the backend and, for WGPU, the adapter (which it initialises);
+/// GPU backends say whether Burn's autotune is on.
 pub fn describe(device: DeviceArg) -> Result<String, String> {
     match device {
         DeviceArg::Cpu => Ok("cpu: Burn's Flex backend".into()),
         #[cfg(feature = "wgpu")]
-        DeviceArg::Wgpu => Ok(format!("wgpu: {}", wgpu_adapter()?)),
+        DeviceArg::Wgpu => Ok(format!("wgpu: {}, {}", wgpu_checked()?, autotune_state())),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => cuda_ready(n).map(|()| format!("cuda:{n}: Burn's CUDA backend")),
+        DeviceArg::Cuda(n) => {
+            cuda_ready(n).map(|()| format!("cuda:{n}: Burn's CUDA backend, {}", autotune_state()))
+        }
         #[allow(unreachable_patterns)]
         d @ DeviceArg::Wgpu => Err(not_compiled(d, "wgpu")),
         #[allow(unreachable_patterns)]
@@ -169,7 +207,7 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(feature = "wgpu")]
-            DeviceArg::Wgpu => match $crate::device::wgpu_adapter() {
+            DeviceArg::Wgpu => match $crate::device::wgpu_checked() {
                 Err(e) => Err(e),
                 Ok(_) => {
                     type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
@@ -197,6 +235,23 @@ macro_rules! with_backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn autotune_is_refused_on_cpu_emulated_adapters_only() {
+        assert!(check_autotune(true, false).is_ok());
+        assert!(check_autotune(false, true).is_ok());
+        let err = check_autotune(true, true).unwrap_err();
+        assert!(err.contains("--features wgpu alone"), "{err}");
+        // This test build has no GPU feature: autotune off.
+        assert_eq!(
+            autotune_state(),
+            if AUTOTUNE {
+                "autotune on"
+            } else {
+                "autotune off"
+            }
+        );
+    }
 
     #[test]
     fn parses_devices() {
