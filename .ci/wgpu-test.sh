@@ -61,6 +61,10 @@ steps = json.load(open(sys.argv[1]))["steps"]
 bad = [s["optimizer"] for s in steps if s["reads_plain_step"] != 0]
 assert steps and not bad, f"plain steps read the device: {bad}"
 ' "$OUT/bench.json"
+# Kernels launched per step (deterministic): none above the committed counts.
+timeout 900 target/debug/hylo-bench --kernels --quick --device wgpu \
+    --kernel-budget benches/results/kernels.json --json "$OUT/kernels.json" | tee "$OUT/kernels.md"
+grep -q "| resnet20 | hylo |" "$OUT/kernels.md"
 if grep -q "^MaxSteps\|^TimeBudget" "$OUT/bench.md"; then
     echo "run summaries leaked into the report" >&2
     exit 1

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::batch;
 use crate::conv::{self, ConvTiming};
 use crate::convergence::{self, RunResult, Summary, Task};
+use crate::kernels::{self, KernelTable};
 use crate::sweep;
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
@@ -66,6 +67,15 @@ fn repo_prefix(args: &str) -> String {
     args.split_whitespace()
         .find_map(|a| a.find("datasets/data/").map(|i| a[..i].to_string()))
         .unwrap_or_default()
+}
+
+/// The README's defaults table from the convergence result file at `path`.
+pub fn readme_table(path: &Path) -> Result<String, String> {
+    let study = read::<Study>(path)?.ok_or_else(|| format!("{}: no such file", path.display()))?;
+    Ok(convergence::readme_table(
+        &convergence::summarize(&study.runs),
+        &study.tasks,
+    ))
 }
 
 /// BENCHMARKS.md from the files in `dir` (each section present when its file is).
@@ -138,6 +148,18 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
             md.push('\n');
         }
     }
+    if let Some(table) = read::<KernelTable>(&dir.join("kernels.json"))? {
+        md.push_str(&format!(
+            "## Kernels per step on WGPU (`kernels.json`)\n\n`hylo-bench --kernels --quick \
+             --device wgpu` on Mesa's lavapipe: the kernels a step launches, counted from \
+             CubeCL's log as the difference between runs of k + 1 and k steps (batch 4, \
+             learning rate 0.01, refresh every {} steps, everything else the defaults). The \
+             counts are deterministic and are CI's budget (`.ci/wgpu-test.sh` fails when a \
+             count rises above this file's).\n\n{}\n",
+            kernels::FREQ,
+            kernels::markdown(&table)
+        ));
+    }
     if let Some(report) = text(&dir.join("report.md"))? {
         md.push_str(&format!(
             "## The full report (`report.md`, `report.json`)\n\n`hylo-bench --json \
@@ -147,6 +169,10 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
              settings), not the defaults.\n\n{}\n",
             report.trim_start_matches(|c| c != '\n').trim_start()
         ));
+    }
+    // Figures kept from earlier sittings whose result files were not kept (typed by hand there).
+    if let Some(earlier) = text(&dir.join("earlier.md"))? {
+        md.push_str(&earlier);
     }
     Ok(md)
 }

@@ -89,6 +89,20 @@ pub struct Args {
     /// (benches/results).
     #[arg(long, value_name = "DIR")]
     pub markdown: Option<PathBuf>,
+    /// Print the README's defaults table from this convergence result file instead
+    /// (benches/results/convergence.json).
+    #[arg(long, value_name = "FILE")]
+    pub readme_table: Option<PathBuf>,
+    /// Count the kernels launched per step on --device instead (a GPU backend): small CNN,
+    /// ResNet-20 and (without --quick) ResNet-32 and the U-Net, with SGD, SNGD, HyLo and K-FAC.
+    #[arg(long)]
+    pub kernels: bool,
+    /// --kernels: fail when a count is above this file's (JSON, as --kernels writes).
+    #[arg(long, value_name = "FILE")]
+    pub kernel_budget: Option<PathBuf>,
+    /// A probe of --kernels: runs this hylo-train command line.
+    #[arg(long, hide = true)]
+    pub kernel_probe: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -147,6 +161,30 @@ fn main() {
         if let Err(e) = curvature_scale(&args) {
             eprintln!("error: {e}");
             std::process::exit(2);
+        }
+        return;
+    }
+    if let Some(line) = &args.kernel_probe {
+        if let Err(e) = studies::kernel_probe(line) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.kernels {
+        if let Err(e) = studies::kernels(&args) {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if let Some(path) = &args.readme_table {
+        match hylo_benches::results::readme_table(path) {
+            Ok(table) => print!("{table}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
         }
         return;
     }

@@ -207,3 +207,104 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
         },
     )
 }
+
+/// `--kernels`: kernels launched by a plain and a refreshing step of each model and optimizer
+/// on `--device` (a GPU backend), each count from two probe processes; checked against
+/// `--kernel-budget` when given (a count above it fails).
+pub fn kernels(args: &Args) -> Result<(), String> {
+    use hylo_benches::kernels::{
+        count_launches, cubecl_toml, markdown, models, over_budget, probe_args, KernelTable,
+        StepKernels, FREQ, OPTIMIZERS,
+    };
+    let device = hylo_train::device::describe(args.device.parse()?)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let log = dir.path().join("kernels.log");
+    std::fs::write(dir.path().join("cubecl.toml"), cubecl_toml(&log)).map_err(|e| e.to_string())?;
+    let models = models(args.quick);
+    let progress = bar(
+        (models.len() * OPTIMIZERS.len() * 4) as u64,
+        "kernel probes",
+    );
+    let mut table = KernelTable::new();
+    for (model, line) in &models {
+        for optimizer in OPTIMIZERS {
+            progress.set_message(format!("{model} {optimizer}"));
+            let count = |steps: u64| -> Result<u64, String> {
+                let _ = std::fs::remove_file(&log);
+                let out = dir.path().join(format!("run-{model}-{optimizer}-{steps}"));
+                let status = std::process::Command::new(&exe)
+                    .current_dir(dir.path())
+                    .arg("--kernel-probe")
+                    .arg(probe_args(line, optimizer, steps, &args.device, &out))
+                    .status()
+                    .map_err(|e| e.to_string())?;
+                if !status.success() {
+                    return Err(format!(
+                        "the probe of {model} {optimizer} ({steps} steps) failed"
+                    ));
+                }
+                progress.inc(1);
+                let train_log = std::fs::read_to_string(out.join("train.log")).unwrap_or_default();
+                if train_log.contains("period rejected") {
+                    return Err(format!(
+                        "the probe of {model} {optimizer} ({steps} steps) rejected a period: its \
+                         count would not be a refresh's"
+                    ));
+                }
+                let text = std::fs::read_to_string(&log)
+                    .map_err(|e| format!("{}: {e} (no kernel log)", log.display()))?;
+                Ok(count_launches(&text))
+            };
+            let (two, three) = (count(2)?, count(3)?);
+            let (before, at) = (count(FREQ)?, count(FREQ + 1)?);
+            table.entry(model.to_string()).or_default().insert(
+                optimizer.into(),
+                StepKernels {
+                    plain: three.saturating_sub(two),
+                    refresh: at.saturating_sub(before),
+                },
+            );
+        }
+    }
+    progress.finish_and_clear();
+    print!(
+        "# Kernels per step on {device}\n\nCubeCL's log of every kernel launched, a step counted \
+         as the difference between runs of k + 1 and k steps (refresh every {FREQ} steps, batch \
+         4).\n\n{}",
+        markdown(&table)
+    );
+    write_json(args, &table)?;
+    if let Some(path) = &args.kernel_budget {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let budget: KernelTable =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let over = over_budget(&table, &budget);
+        if !over.is_empty() {
+            return Err(format!(
+                "kernels per step over the budget of {} (raise it there on purpose): {}",
+                path.display(),
+                over.join("; ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `--kernel-probe LINE`: runs the `hylo-train` command LINE (a probe of `--kernels`) and waits
+/// for CubeCL's logger to write what it was sent.
+pub fn kernel_probe(line: &str) -> Result<(), String> {
+    use clap::Parser;
+    use hylo_train::app::{run_training, Cli, Command};
+    let cli = Cli::try_parse_from(std::iter::once("hylo-train").chain(line.split_whitespace()))
+        .map_err(|e| e.to_string())?;
+    let (command, cmd) = match cli.command {
+        Some(Command::Classify(c)) => ("classify", c),
+        Some(Command::Segment(c)) => ("segment", c),
+        _ => return Err(format!("not a training command: {line}")),
+    };
+    run_training(command, cmd)?;
+    // The logger writes from its own task: give it time to drain.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Ok(())
+}
