@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use hylo_benches::convergence::{readme_table, summarize, RunResult, Task};
-
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -21,14 +19,9 @@ fn benchmarks_md_is_generated_from_the_results() {
 
 #[test]
 fn the_readmes_defaults_table_is_the_convergence_results() {
-    #[derive(serde::Deserialize)]
-    struct Study {
-        tasks: Vec<Task>,
-        runs: Vec<RunResult>,
-    }
-    let path = repo().join("benches/results/convergence.json");
-    let study: Study = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let table = readme_table(&summarize(&study.runs), &study.tasks);
+    let table =
+        hylo_benches::results::readme_table(&repo().join("benches/results/convergence.json"))
+            .unwrap();
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let begin = "<!-- defaults:begin -->\n";
     let start = readme.find(begin).expect("defaults markers") + begin.len();
@@ -38,6 +31,7 @@ fn the_readmes_defaults_table_is_the_convergence_results() {
     assert_eq!(
         &readme[start..end],
         table,
-        "README.md's defaults table is not the one of benches/results/convergence.json"
+        "README.md's defaults table is not the one of benches/results/convergence.json: \
+         regenerate it with hylo-bench --readme-table benches/results/convergence.json"
     );
 }
