@@ -163,7 +163,7 @@ pub enum DatasetName {
     FashionMnist,
     /// ImageNet-layout image folders (train/, val/) from --data-dir, ImageNet's transforms.
     Imagenet,
-    /// Your own images: --data-dir/{train,val}/<class>/*, resized to --image-size (default 32),
+    /// Your own images: --data-dir/{train,val}/CLASS/*, resized to --image-size (default 32),
     /// --channels 1 or 3 (default 3), normalised from the training images.
     ImageFolder,
     /// Your own segmentation set: --data-dir/{train,val}/images/* with masks/* of the same file
