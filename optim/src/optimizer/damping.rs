@@ -55,16 +55,16 @@ use crate::schedule::levenberg_marquardt;
 pub const REJECT_GROWTH: f64 = 2.0;
 
 /// A period that undoes this fraction of the progress made since the first period (and at
-/// least [`REGRESSION_FLOOR`] of the first period's loss) is a blow-up: the test that works for
+/// least `REGRESSION_FLOOR` of the first period's loss) is a blow-up: the test that works for
 /// bounded losses (Dice in `[0, 1)`), where a large factor is impossible.
 pub const REJECT_REGRESSION: f64 = 0.5;
 
-/// The smallest rise, relative to the first period's loss, that [`REJECT_REGRESSION`] counts.
+/// The smallest rise, relative to the first period's loss, that `REJECT_REGRESSION` counts.
 pub const REGRESSION_FLOOR: f64 = 0.1;
 
-/// Whether a period's loss change is a blow-up: `after` not finite, [`REJECT_GROWTH`] times
+/// Whether a period's loss change is a blow-up: `after` not finite, `REJECT_GROWTH` times
 /// `before` (or 1/20 of `first`, the first period's loss, when `before` is smaller), or a rise
-/// that gives back [`REJECT_REGRESSION`] of the progress from `first` down to `before` in one
+/// that gives back `REJECT_REGRESSION` of the progress from `first` down to `before` in one
 /// period.
 pub fn blew_up(before: f64, after: f64, first: f64) -> bool {
     let base = before.abs().max(first.abs() / 20.0);
