@@ -25,13 +25,14 @@ cargo build -p hylo-train -p hylo-benches --features hylo-benches/wgpu
 BIN=target/debug/hylo-train
 OUT=$(mktemp -d)
 
-# 20 s per optimizer: K-FAC takes 44 steps on lavapipe in that time (5 s left it at 11, below chance).
+# 20 s per optimizer (the warm-up's first steps, which compile the kernels, are not counted).
 timeout 900 "$BIN" demo --device wgpu --budget 20 --out "$OUT/demo" | tee "$OUT/demo.md"
 test -s "$OUT/demo/demo.png"
-# Every optimizer of the demo learned something: final accuracy above chance (16 classes).
+# Every optimizer of the demo learned something: final accuracy well above chance (10 MNIST
+# classes; 49-73% after 4-10 steps here, on a lavapipe shared with another job).
 for optim in sgd kfac hylo; do
     acc=$(sed -n "s/^| $optim | \([0-9.]*\)% .*/\1/p" "$OUT/demo.md")
-    above "$acc" 12.5 || { echo "demo on wgpu: $optim ended at '$acc'% accuracy" >&2; exit 1; }
+    above "$acc" 25 || { echo "demo on wgpu: $optim ended at '$acc'% accuracy" >&2; exit 1; }
 done
 # A short classify run on WGPU and the same on the CPU: finite, above chance (4 classes), and
 # within 5 points of accuracy of each other.
