@@ -46,7 +46,9 @@ fn seeds(runs: &[RunResult]) -> usize {
         .map_or(0, |s| s as usize + 1)
 }
 
-fn task_lines(tasks: &[Task]) -> String {
+/// A markdown line per task: its name, `hylo-train` command and target; `relative` drops the
+/// machine's absolute path up to `datasets/data/` from the arguments.
+pub fn task_lines(tasks: &[Task], relative: bool) -> String {
     tasks
         .iter()
         .map(|t| {
@@ -54,8 +56,12 @@ fn task_lines(tasks: &[Task]) -> String {
                 "- {}: `hylo-train {} {}`, target {:.0}%\n",
                 t.name,
                 t.command,
-                // The repository's absolute path is the machine's, not the result's.
-                t.args.replace(&repo_prefix(&t.args), ""),
+                if relative {
+                    // The repository's absolute path is the machine's, not the result's.
+                    t.args.replace(&repo_prefix(&t.args), "")
+                } else {
+                    t.args.clone()
+                },
                 100.0 * t.target
             )
         })
@@ -105,7 +111,7 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
              region, adaptive damping from 1 and GradientScale rows; refresh every 10 steps), \
              each run checking its target every few steps. Tasks:\n\n{}\n{}\n",
             seeds(&study.runs),
-            task_lines(&study.tasks),
+            task_lines(&study.tasks, true),
             convergence::markdown(&summaries, &study.tasks, seeds(&study.runs))
         ));
     }
@@ -117,7 +123,7 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
              default and, where it takes one, momentum 0 and 0.9, everything else its default. \
              Tasks:\n\n{}\n{}\n![final metric against the learning rate](benches/results/sweep.png)\n\n",
             seeds(&study.runs),
-            task_lines(&study.tasks),
+            task_lines(&study.tasks, true),
             sweep::markdown(&curves, seeds(&study.runs))
         ));
     }

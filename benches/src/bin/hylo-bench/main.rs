@@ -158,65 +158,35 @@ fn main() {
         return;
     }
     if args.curvature_scale {
-        if let Err(e) = curvature_scale(&args) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(curvature_scale(&args));
         return;
     }
     if let Some(line) = &args.kernel_probe {
-        if let Err(e) = studies::kernel_probe(line) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(studies::kernel_probe(line));
         return;
     }
     if args.kernels {
-        if let Err(e) = studies::kernels(&args) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(studies::kernels(&args));
         return;
     }
     if let Some(path) = &args.readme_table {
-        match hylo_benches::results::readme_table(path) {
-            Ok(table) => print!("{table}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        }
+        print!("{}", or_exit(hylo_benches::results::readme_table(path)));
         return;
     }
     if let Some(dir) = &args.markdown {
-        match hylo_benches::results::benchmarks_md(dir) {
-            Ok(md) => print!("{md}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        }
+        print!("{}", or_exit(hylo_benches::results::benchmarks_md(dir)));
         return;
     }
     if args.batch_study {
-        if let Err(e) = studies::batch_study(&args) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(studies::batch_study(&args));
         return;
     }
     if args.sweep {
-        if let Err(e) = studies::sweep(&args) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(studies::sweep(&args));
         return;
     }
     if args.convergence {
-        if let Err(e) = studies::convergence(&args) {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
+        or_exit(studies::convergence(&args));
         return;
     }
     let result: Result<(), String> = hylo_train::with_backend!(device, |B, dev| {
@@ -227,10 +197,7 @@ fn main() {
         }
         Ok(())
     });
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
+    or_exit(result);
 }
 
 fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
@@ -250,14 +217,9 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     }
     let freq = 13;
     let rho = 0.1;
-    let device_name =
-        match hylo_train::device::describe(args.device.parse().expect("parsed in main")) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        };
+    let device_name = or_exit(hylo_train::device::describe(
+        args.device.parse().expect("parsed in main"),
+    ));
     let mut md = String::new();
     let mut report = Report {
         quick: args.quick,
@@ -674,4 +636,12 @@ fn steps_only<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B
             ms(s.amortised)
         );
     }
+}
+
+/// The value of `result`, or its error on stderr and exit status 2.
+fn or_exit<T>(result: Result<T, String>) -> T {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    })
 }

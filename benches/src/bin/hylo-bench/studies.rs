@@ -7,6 +7,8 @@ use hylo_benches::convergence::{
     grid, markdown, run, summarize, tasks, RunResult, Setting, Task, OPTIMIZERS,
 };
 
+use hylo_benches::results::task_lines;
+
 use crate::{bar, Args};
 
 /// Runs every `(task, optimizer, setting, seed)` of `plan` in a temporary directory, with a
@@ -57,21 +59,6 @@ fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
 }
 
 /// The task list of a report: each one's command line and target.
-fn task_lines(tasks: &[Task]) -> String {
-    tasks
-        .iter()
-        .map(|t| {
-            format!(
-                "- {}: `hylo-train {} {}`, target {:.0}%\n",
-                t.name,
-                t.command,
-                t.args,
-                100.0 * t.target
-            )
-        })
-        .collect()
-}
-
 fn write_json(args: &Args, value: &impl Serialize) -> Result<(), String> {
     let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     std::fs::write(&args.json, json).map_err(|e| format!("{}: {e}", args.json.display()))
@@ -104,7 +91,7 @@ pub fn convergence(args: &Args) -> Result<(), String> {
         "# hylo-bench convergence{}\n\nOn {device}; tasks:\n\n{}\n{}\n{} runs, {:.0} s of \
          training.\n",
         if args.quick { " (quick)" } else { "" },
-        task_lines(&tasks),
+        task_lines(&tasks, false),
         markdown(&summaries, &tasks, args.seeds as usize),
         results.len(),
         total
@@ -148,7 +135,7 @@ pub fn sweep(args: &Args) -> Result<(), String> {
     print!(
         "# hylo-bench sweep{}\n\nOn {device}; tasks:\n\n{}\n{}\nPlot: {}\n",
         if args.quick { " (quick)" } else { "" },
-        task_lines(&tasks),
+        task_lines(&tasks, false),
         markdown(&curves, args.seeds as usize),
         png.display()
     );
@@ -188,7 +175,7 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
     plot(&points, &png)?;
     print!(
         "# hylo-bench batch study\n\nOn {device}; tasks:\n\n{}\n{}\nPlot: {}\n",
-        task_lines(&tasks),
+        task_lines(&tasks, false),
         markdown(&points, args.seeds as usize),
         png.display()
     );
