@@ -313,18 +313,32 @@ pub fn train_side_by_side<G: AutodiffBackend>(device: G::Device) {
     }
 }
 
-pub fn nan_batch_is_skipped<G: AutodiffBackend>(device: G::Device) {
-    let bytes = initial_bytes();
-    for kind in KINDS
+/// The kinds with curvature (SGD and the Neumann optimizer have none).
+fn natural_kinds() -> impl Iterator<Item = Kind> {
+    KINDS
         .into_iter()
         .filter(|k| !matches!(k, Kind::Sgd | Kind::Neumann))
-    {
-        let mut cpu = Trainer::<Cpu>::new(kind, &bytes, Default::default());
-        let mut gpu = Trainer::<G>::new(kind, &bytes, device.clone());
-        for step in 0..3 {
-            cpu.step(step, false);
-            gpu.step(step, false);
-        }
+}
+
+/// A CPU and a device trainer of `kind` from the same initial model, after `steps` clean steps.
+fn after_clean_steps<G: AutodiffBackend>(
+    kind: Kind,
+    device: &G::Device,
+    steps: usize,
+) -> (Trainer<Cpu>, Trainer<G>) {
+    let bytes = initial_bytes();
+    let mut cpu = Trainer::<Cpu>::new(kind, &bytes, Default::default());
+    let mut gpu = Trainer::<G>::new(kind, &bytes, device.clone());
+    for step in 0..steps {
+        cpu.step(step, false);
+        gpu.step(step, false);
+    }
+    (cpu, gpu)
+}
+
+pub fn nan_batch_is_skipped<G: AutodiffBackend>(device: G::Device) {
+    for kind in natural_kinds() {
+        let (mut cpu, mut gpu) = after_clean_steps::<G>(kind, &device, 3);
         // Step 3 is a plain step, step 4 a refresh step: a NaN pixel in both. Parameters and
         // BatchNorm statistics stay as they were.
         for step in [3, 4] {
@@ -373,17 +387,8 @@ pub fn nan_batch_is_skipped<G: AutodiffBackend>(device: G::Device) {
 
 /// Optimizer state written on one backend loads on the other and training continues alike.
 pub fn records_cross_backends<G: AutodiffBackend>(device: G::Device) {
-    let bytes = initial_bytes();
-    for kind in KINDS
-        .into_iter()
-        .filter(|k| !matches!(k, Kind::Sgd | Kind::Neumann))
-    {
-        let mut cpu = Trainer::<Cpu>::new(kind, &bytes, Default::default());
-        let mut gpu = Trainer::<G>::new(kind, &bytes, device.clone());
-        for step in 0..3 {
-            cpu.step(step, false);
-            gpu.step(step, false);
-        }
+    for kind in natural_kinds() {
+        let (mut cpu, mut gpu) = after_clean_steps::<G>(kind, &device, 3);
         // Each side continues from the other's model and optimizer records.
         let cpu_from_gpu = swapped::<G, Cpu>(&gpu, kind, Default::default());
         let gpu_from_cpu = swapped::<Cpu, G>(&cpu, kind, device.clone());
