@@ -13,7 +13,7 @@ use rand::Rng;
 
 use crate::augment::{rgb_to_chw, Normalization};
 use crate::error::{require_dir, DatasetError};
-use crate::image_folder::decode_image;
+use crate::image_folder::{decode_image, decode_image_and_mask};
 use crate::sample::{sample_rng, Sample, SampleSource, Target};
 
 /// Image files: `.png`, `.jpg`, `.jpeg`, `.tif`, `.tiff`, `.bmp` (any case).
@@ -240,21 +240,7 @@ impl SampleSource for MaskFolder {
 
     fn load(&self, index: usize, _rng: &mut StdRng) -> Result<Sample, DatasetError> {
         let (image_path, mask_path) = &self.pairs[index];
-        let image = decode_image(image_path)?;
-        let mask = decode_image(mask_path)?;
-        if (image.width(), image.height()) != (mask.width(), mask.height()) {
-            return Err(DatasetError::format(
-                mask_path,
-                format!(
-                    "mask is {}x{} but its image {} is {}x{}",
-                    mask.width(),
-                    mask.height(),
-                    image_path.display(),
-                    image.width(),
-                    image.height()
-                ),
-            ));
-        }
+        let (image, mask) = decode_image_and_mask(image_path, mask_path)?;
         let s = self.shape.size;
         let mask = mask
             .resize_exact(s, s, FilterType::Nearest)

@@ -132,6 +132,29 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage, DatasetError> {
         .map_err(|e| DatasetError::format(path, format!("cannot decode image: {e}")))
 }
 
+/// Decodes a segmentation image and its mask, which must have the same size.
+pub fn decode_image_and_mask(
+    image_path: &Path,
+    mask_path: &Path,
+) -> Result<(image::DynamicImage, image::DynamicImage), DatasetError> {
+    let image = decode_image(image_path)?;
+    let mask = decode_image(mask_path)?;
+    if (image.width(), image.height()) != (mask.width(), mask.height()) {
+        return Err(DatasetError::format(
+            mask_path,
+            format!(
+                "mask is {}x{} but its image {} is {}x{}",
+                mask.width(),
+                mask.height(),
+                image_path.display(),
+                image.width(),
+                image.height()
+            ),
+        ));
+    }
+    Ok((image, mask))
+}
+
 impl SampleSource for ImageFolder {
     fn len(&self) -> usize {
         self.files.len()

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use crate::augment::rgb_to_chw;
 use crate::cifar::Split;
 use crate::error::{require_dir, DatasetError};
-use crate::image_folder::decode_image;
+use crate::image_folder::decode_image_and_mask;
 use crate::sample::{Sample, SampleSource, Target};
 
 /// Settings of the LGG reader.
@@ -138,21 +138,7 @@ impl SampleSource for LggDataset {
 
     fn load(&self, index: usize, _rng: &mut StdRng) -> Result<Sample, DatasetError> {
         let (image_path, mask_path) = &self.slices[index];
-        let image = decode_image(image_path)?;
-        let mask = decode_image(mask_path)?;
-        if (image.width(), image.height()) != (mask.width(), mask.height()) {
-            return Err(DatasetError::format(
-                mask_path,
-                format!(
-                    "mask is {}x{} but its image {} is {}x{}",
-                    mask.width(),
-                    mask.height(),
-                    image_path.display(),
-                    image.width(),
-                    image.height()
-                ),
-            ));
-        }
+        let (image, mask) = decode_image_and_mask(image_path, mask_path)?;
         let s = self.size;
         let (image, mask) = if (image.width(), image.height()) == (s, s) {
             (image, mask)
