@@ -63,6 +63,18 @@ fn mask_folders_pair_images_and_masks_by_name_and_name_what_is_missing() {
     };
     assert_eq!(mask.len(), 256);
     assert!(mask.contains(&1.0) && mask.contains(&0.0));
+    // A mask of another size than its image names both.
+    image::GrayImage::new(10, 10)
+        .save(dir.path().join("train/masks/2.png"))
+        .unwrap();
+    let err = train
+        .load(2, &mut sample_rng(0, 0, 2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mask is 10x10") && err.contains("2.png") && err.contains("24x24"),
+        "{err}"
+    );
     // A missing mask names the image and where its mask was expected.
     std::fs::remove_file(dir.path().join("train/masks/3.png")).unwrap();
     let err = MaskFolder::scan(dir.path(), "train", shape)
