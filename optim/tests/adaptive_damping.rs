@@ -454,6 +454,33 @@ fn an_exact_quadratic_model_lowers_the_damping_by_omega_per_step() {
 }
 
 #[test]
+fn a_step_the_curvature_did_not_shape_does_not_lower_the_damping() {
+    // The exact quadratic model again (rho = 1), but asking for a quadratic term a million times
+    // the linear one: no period qualifies, so a good ratio leaves lambda where it is, while a
+    // bad period still raises it.
+    let capture = CaptureHandle::new();
+    let damping = adaptive(1.0).with_min_curvature_share(1e6);
+    let optim = SngdConfig::new()
+        .with_curvature(curvature(4, 0.9, damping))
+        .init(&capture)
+        .unwrap();
+    let mut run = Run::new(optim, capture, 16, 0.1);
+    for period in 0..2 {
+        let (verdict, _) = run.period(4, |o, _| o.before + o.sngd());
+        assert!(matches!(verdict, PeriodVerdict::Adapted { .. }), "{period}");
+        assert_eq!(run.optim.damping(), 1.0, "period {period}");
+    }
+    // The loss rose a little (not a blow-up): rho < 0, lambda grows by 1 / omega^4.
+    let (verdict, _) = run.period(4, |o, _| o.before * 1.01);
+    assert!(matches!(verdict, PeriodVerdict::Adapted { .. }));
+    assert!(
+        close(run.optim.damping(), 1.0 / 0.95f64.powi(4), 1e-9),
+        "{}",
+        run.optim.damping()
+    );
+}
+
+#[test]
 fn no_predicted_decrease_leaves_the_damping_alone() {
     let capture = CaptureHandle::new();
     let optim = SngdConfig::new()
@@ -580,7 +607,7 @@ fn a_blow_up_is_rejected_not_trained_on() {
 
 #[test]
 fn the_loss_change_is_read_only_at_inversions() {
-    // Adaptive damping adds one read (three numbers) at each inversion and none in between; with
+    // Adaptive damping adds one read (four numbers) at each inversion and none in between; with
     // K-FAC inverting every 4 steps and capturing every 2, periods run from inversion to
     // inversion.
     let capture = CaptureHandle::new();

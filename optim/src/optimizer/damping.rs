@@ -16,7 +16,7 @@
 //! decrease that grows without bound with the step. Right before step
 //! `s + T` the training loop evaluates the loss of `B_s` at the current weights and hands it, with
 //! the loss it had at step `s`, to [`NaturalGradient::observe_loss_change`]. Step `s + T` then
-//! reads `[L_before, L_after, q]` (one read of three numbers) and:
+//! reads `[L_before, L_after, q, quadratic term]` (one read of four numbers) and:
 //!
 //! - rejects the period when the loss grew by [`REJECT_GROWTH`] times or more, gave back half of
 //!   the progress since the first period, or is not finite:
@@ -25,7 +25,10 @@
 //!   refreshes the curvature at the restored weights (a blow-up is not trained on);
 //! - leaves lambda alone when `q >= -epsilon` (the model predicts no decrease: its ratio says
 //!   nothing about the direction);
-//! - otherwise applies [`levenberg_marquardt`] with `omega^T`;
+//! - otherwise applies [`levenberg_marquardt`] with `omega^T`, except that lambda is lowered
+//!   only when the period's quadratic term was a real part of `q`
+//!   ([`curvature_was_tested`]; with grafting a step of SGD's length often tests the linear
+//!   term only);
 //! - and in both cases lets the step-length trust region ([`super::StepLengthConfig`]) shorten
 //!   the step (a predicted increase, a rise, `rho < 1/4`) or lengthen it (`rho > 3/4`): with
 //!   grafting the damping alone cannot change how long a step is. A rejection shortens it too.
@@ -44,7 +47,7 @@ use burn::tensor::Tensor;
 
 use super::{Curvature, NaturalGradient};
 use crate::host;
-use crate::schedule::levenberg_marquardt;
+use crate::schedule::{curvature_was_tested, levenberg_marquardt};
 
 /// A period whose loss on its first batch grew by this factor over the period (losses below
 /// 1/20 of the first period's count as that: tiny losses fluctuate by large factors), or became
@@ -220,7 +223,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     /// was computed from) and at the current weights of `model` (`after`: the same batch,
     /// curvature capture off, BatchNorm statistics untouched), for adaptive damping; ignored
     /// unless [`NaturalGradient::wants_loss_change`]. Pass detached values; nothing is read from
-    /// the device here (the next step reads the three numbers it decides on).
+    /// the device here (the next step reads the four numbers it decides on).
     pub fn observe_loss_change<M: AutodiffModule<B>>(
         &mut self,
         model: &M,
@@ -246,22 +249,31 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         };
         model.visit(&mut end);
         let PeriodEnd { linear, deltas, .. } = end;
-        let mut terms = linear;
+        let mut quadratics = Vec::new();
         for layer in self.ordered_layers() {
             if let Some(delta) = layer.meta.gradient::<B::InnerBackend>(&deltas) {
-                terms.push(quadratic(&layer.curvature, delta) / 2.0);
+                quadratics.push(quadratic(&layer.curvature, delta) / 2.0);
             }
         }
         let device = before.device();
         // Summed in the model's parameter order (a fixed order: reproducible, and the same on
         // every rank).
-        let predicted = if terms.is_empty() {
-            Tensor::zeros([1], &device)
-        } else {
-            Tensor::cat(terms, 0).sum_dim(0)
+        let sum = |terms: Vec<Tensor<B::InnerBackend, 1>>| {
+            if terms.is_empty() {
+                Tensor::zeros([1], &device)
+            } else {
+                Tensor::cat(terms, 0).sum_dim(0)
+            }
         };
+        let quadratic = sum(quadratics);
+        let predicted = sum(linear) + quadratic.clone();
         self.loss_change = Some(Tensor::cat(
-            vec![before.reshape([1]), after.reshape([1]), predicted],
+            vec![
+                before.reshape([1]),
+                after.reshape([1]),
+                predicted,
+                quadratic,
+            ],
             0,
         ));
     }
@@ -277,7 +289,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     }
 
     /// Judges the period that ends at this step, if its loss change was observed (one read of
-    /// three numbers, averaged over the workers so that they all decide alike): adapts the
+    /// four numbers, averaged over the workers so that they all decide alike): adapts the
     /// damping, or rejects the period. The period ends here either way.
     pub(super) fn end_period(&mut self) -> Option<PeriodVerdict> {
         let change = self.loss_change.take()?;
@@ -285,6 +297,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         self.comm.all_reduce_sum(&mut values);
         let workers = self.comm.size() as f64;
         let [before, after, predicted] = [0, 1, 2].map(|i| f64::from(values[i]) / workers);
+        // A record saved mid-period by an earlier version holds three numbers.
+        let quadratic = values.get(3).map_or(f64::NAN, |&q| f64::from(q) / workers);
         let first = *self.first_loss.get_or_insert(before);
         if blew_up(before, after, first) {
             self.damping = (self.damping * REJECT_RAISE).min(self.config.damping.max);
@@ -307,7 +321,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             _ => self.config.freq,
         };
         let omega = config.omega.powi(steps as i32);
-        self.damping = levenberg_marquardt(
+        let adapted = levenberg_marquardt(
             self.damping,
             after - before,
             predicted,
@@ -316,6 +330,12 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             config.min,
             config.max,
         );
+        // Lowered only on the evidence of a step the curvature shaped.
+        if adapted >= self.damping
+            || curvature_was_tested(predicted, quadratic, config.min_curvature_share)
+        {
+            self.damping = adapted;
+        }
         self.step_scale =
             self.config
                 .step_length
@@ -324,6 +344,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             before,
             after,
             predicted,
+            quadratic,
             damping = self.damping,
             step_scale = self.step_scale,
             "adaptive damping"
