@@ -255,15 +255,18 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
                 .is_none_or(|max| c.d_in.max(c.d_out) <= max)
         });
     if !skipped.is_empty() {
-        let names: Vec<&str> = skipped.iter().map(|c| c.shape.as_str()).collect();
+        let names = skipped
+            .iter()
+            .map(|c| c.shape.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         writeln!(
             md,
-            "Layers with a factor wider than {} not timed (`--max-factor-dim`), so the totals below leave them out: {}.\n",
+            "Layers with a factor wider than {} not timed (`--max-factor-dim`), so the totals below leave them out: {names}.\n",
             args.max_factor_dim.unwrap_or_default(),
-            names.join(", ")
         )
         .unwrap();
-        report.settings += &format!("; layers left out: {}", names.join(", "));
+        report.settings += &format!("; layers left out: {names}");
     }
     let mut eigen_cache = HashMap::new();
     for &n in &batches {
