@@ -18,12 +18,12 @@ use hylo_datasets::{
 use hylo_models::{preconditioned_layers, CifarResNet, CifarResNetConfig};
 use hylo_optim::diagnostics::{row_scale, RowScale};
 use hylo_optim::CaptureHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 type B = Autodiff<Flex>;
 
 /// One layer at one point of training.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerScale {
     /// SGD steps taken before the measurement.
     pub step: usize,

@@ -12,6 +12,7 @@ pub mod convergence;
 pub mod curvature_scale;
 pub mod kernels;
 pub mod layers;
+pub mod peer;
 pub mod results;
 pub mod steps;
 pub mod sweep;

@@ -11,7 +11,10 @@ use serde::Deserialize;
 use crate::batch;
 use crate::conv::{self, ConvTiming};
 use crate::convergence::{self, RunResult, Summary, Task};
+use crate::curvature_scale::{self, LayerScale};
 use crate::kernels::{self, KernelTable};
+use crate::peer::{self, PeerModel};
+use crate::steps::DeviceSteps;
 use crate::sweep;
 
 fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
@@ -84,6 +87,19 @@ pub fn readme_table(path: &Path) -> Result<String, String> {
     ))
 }
 
+/// `md` with every heading one level deeper (a report's sections under its section here).
+fn demote_headings(md: &str) -> String {
+    md.lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("#{l}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
 /// BENCHMARKS.md from the files in `dir` (each section present when its file is).
 pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
     let mut md = String::from(
@@ -141,6 +157,21 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
             batch::markdown(&points, seeds(&study.runs))
         ));
     }
+    if let Some(models) = read::<Vec<PeerModel>>(&dir.join("peer.json"))? {
+        md.push_str(&format!(
+            "## Whole training steps beside PyTorch (`peer.json`)\n\n`hylo-bench --peer-steps \
+             --torch-python PYTHON`: our steps on the CPU (Flex, f32, release) with SGD (a \
+             warm-up step and four timed) and K-FAC and HyLo (the curvature refreshed on one \
+             step, the plain steps up to the next refresh timed; damping from 1.5, everything \
+             else the library's defaults), each model followed at once by PyTorch's SGD step of \
+             the same model and batch (`benches/peer/torch_step.py {}`; 2 warm-up and 5 \
+             timed steps).\n\n{}\n",
+            models
+                .first()
+                .map_or(String::new(), |m| m.torch_args.join(" ")),
+            peer::markdown(&models)
+        ));
+    }
     if let Some(models) = read::<Vec<(String, Vec<ConvTiming>)>>(&dir.join("conv.json"))? {
         md.push_str(
             "## CPU convolutions (`conv.json`)\n\n`hylo-bench --conv`: milliseconds per layer \
@@ -166,6 +197,31 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
             kernels::markdown(&table)
         ));
     }
+    if let Some(rows) = read::<Vec<LayerScale>>(&dir.join("curvature_scale.json"))? {
+        md.push_str(&format!(
+            "## Curvature scale per layer (`curvature_scale.json`)\n\n`hylo-bench \
+             --curvature-scale`: the BatchNorm ResNet-20 on the MNIST digits at 32x32, batch 64, \
+             after the given number of SGD steps (62 = one epoch). Per layer the largest \
+             eigenvalue of the Fisher the kept rows make in each convolution mode, against the \
+             damping (1 at the start of adaptive damping), and the norm ratio and cosine of the \
+             paper's SpatialMean rows to the exact per-sample gradients: the evidence behind \
+             GradientScale rows as the default.\n\n{}\n",
+            curvature_scale::markdown(&rows, 1.0)
+        ));
+    }
+    if let Some(steps) = read::<DeviceSteps>(&dir.join("wgpu_steps.json"))? {
+        md.push_str(&format!(
+            "## ResNet-32 steps on WGPU (`wgpu_steps.json`)\n\n`hylo-bench --steps-only \
+             --device {} --step-batch {} --step-freq {}` ({} build) on Mesa's lavapipe: WGPU \
+             emulated on the CPU, so these are not GPU times; a whole untimed pass first \
+             (kernels compile on first use), damping from 1.5, everything else the defaults.\n\n{}\n",
+            steps.device,
+            steps.batch,
+            steps.freq,
+            if steps.release { "release" } else { "dev" },
+            steps.markdown()
+        ));
+    }
     if let Some(report) = text(&dir.join("report.md"))? {
         md.push_str(&format!(
             "## The full report (`report.md`, `report.json`)\n\n`hylo-bench --json \
@@ -173,12 +229,8 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
              ResNet-32 training steps, communication, state memory, data loading and the \
              demo's race, with a fixed damping of 1.5 and SpatialMean rows (the papers' \
              settings), not the defaults.\n\n{}\n",
-            report.trim_start_matches(|c| c != '\n').trim_start()
+            demote_headings(report.trim_start_matches(|c| c != '\n').trim_start())
         ));
-    }
-    // Figures kept from earlier sittings whose result files were not kept (typed by hand there).
-    if let Some(earlier) = text(&dir.join("earlier.md"))? {
-        md.push_str(&earlier);
     }
     Ok(md)
 }

@@ -15,10 +15,10 @@ use hylo_models::{CifarResNet, CifarResNetConfig};
 use hylo_optim::{
     CaptureHandle, CurvatureConfig, DampingConfig, HyloConfig, KfacConfig, SngdConfig,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Step times of one optimizer over one refresh period.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepTiming {
     /// Optimizer.
     pub optimizer: String,
@@ -72,7 +72,7 @@ pub fn resnet32_steps<B: AutodiffBackend>(
 
 /// Times the U-Net (`features` channels at the first level, as the LGG run's 32) on batches of
 /// `batch` RGB `size x size` images with a Dice loss on random masks, as
-/// `../shared/peer/torch_step.py --model unet` does.
+/// `benches/peer/torch_step.py --model unet` does.
 pub fn unet_steps<B: AutodiffBackend>(
     batch: usize,
     size: usize,
@@ -194,6 +194,48 @@ where
         });
     }
     out
+}
+
+/// ResNet-32's steps on one device (`hylo-bench --steps-only`), timed after an untimed pass.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceSteps {
+    /// The `--device` they ran on.
+    pub device: String,
+    /// Whether the build was optimised (release) rather than the dev profile.
+    pub release: bool,
+    /// Batch size.
+    pub batch: usize,
+    /// Steps between curvature refreshes.
+    pub freq: usize,
+    /// Per optimizer.
+    pub steps: Vec<StepTiming>,
+}
+
+impl DeviceSteps {
+    /// The markdown table: per optimizer the refresh, other and amortised steps in ms, and the
+    /// amortised step against SGD's.
+    pub fn markdown(&self) -> String {
+        let sgd = self
+            .steps
+            .iter()
+            .find(|s| s.optimizer == "sgd")
+            .map(|s| s.amortised);
+        let mut md = String::from(
+            "| optimizer | refresh step (ms) | other steps (ms) | amortised (ms) | amortised / SGD |\n\
+             |---|---|---|---|---|\n",
+        );
+        for s in &self.steps {
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.0} | {} |\n",
+                s.optimizer,
+                s.refresh_step * 1e3,
+                s.plain_step * 1e3,
+                s.amortised * 1e3,
+                sgd.map_or("-".into(), |g| format!("{:.2}x", s.amortised / g))
+            ));
+        }
+        md
+    }
 }
 
 /// Data loading of CIFAR batches (read from the binary format, random crop + flip, normalised).

@@ -35,3 +35,25 @@ fn the_readmes_defaults_table_is_the_convergence_results() {
          regenerate it with hylo-bench --readme-table benches/results/convergence.json"
     );
 }
+
+#[test]
+fn every_result_file_has_its_section() {
+    let dir = repo().join("benches/results");
+    let md = hylo_benches::results::benchmarks_md(&dir).unwrap();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") {
+            files += 1;
+            assert!(
+                md.contains(&format!("`{name}`")),
+                "benches/results/{name} has no section in BENCHMARKS.md: render it in results.rs"
+            );
+        }
+    }
+    assert!(files >= 5, "only {files} result files in benches/results");
+    assert!(
+        !dir.join("earlier.md").exists(),
+        "figures typed by hand belong in result files"
+    );
+}

@@ -72,7 +72,7 @@ pub const ROW_MODES: [ConvMode; 3] = [
 ];
 
 /// One layer's per-sample rows in each [`ConvMode`] against the exact per-sample gradients.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RowScale {
     /// Output positions L (1 for a linear layer).
     pub positions: usize,

@@ -67,11 +67,15 @@ pub struct Args {
     /// --json's path with a .csv extension.
     #[arg(long)]
     pub curvature_scale: bool,
-    /// Time whole training steps beside PyTorch's (`../shared/peer/torch_step.py`) instead:
+    /// Time whole training steps beside PyTorch's (`benches/peer/torch_step.py`) instead:
     /// ResNet-32 at batch 128 and the U-Net (32 features) at batch 4 on 128x128, with SGD,
     /// K-FAC and HyLo.
     #[arg(long)]
     pub peer_steps: bool,
+    /// --peer-steps: the Python that has torch, to time PyTorch's step of each model right after
+    /// ours (benches/peer/torch_step.py); without it PyTorch is not measured.
+    #[arg(long, value_name = "PYTHON")]
+    pub torch_python: Option<PathBuf>,
     /// Time only the ResNet-32 training steps (at --step-batch, default 16) on --device, after a
     /// whole untimed pass of the same steps (GPU backends compile and autotune their kernels on
     /// first use).
@@ -162,7 +166,7 @@ fn main() {
         return;
     }
     if args.peer_steps {
-        peer_steps(&args);
+        or_exit(peer_steps(&args));
         return;
     }
     if args.curvature_scale {
@@ -199,11 +203,11 @@ fn main() {
     }
     let result: Result<(), String> = hylo_train::with_backend!(device, |B, dev| {
         if args.steps_only {
-            steps_only::<B>(&args, &dev);
+            steps_only::<B>(&args, &dev)
         } else {
             report::<B>(&args, &dev);
+            Ok(())
         }
-        Ok(())
     });
     or_exit(result);
 }
@@ -386,7 +390,10 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     let local = 32;
     writeln!(
         md,
-        "\n## Communication per refresh, ResNet-50, local batch {local}, rho {rho} (MB, f32)\n"
+        "\n## Communication per refresh, ResNet-50, local batch {local}, rho {rho} (MB, f32)\n\n\
+         Computed from the layer shapes, not measured: K-FAC (KAISA) all-reduces its factors, \
+         sum (d_in'^2 + d_out^2) floats; HyLo all-gathers r P (d_in' + d_out) floats and \
+         broadcasts (r P)^2 per layer (ALGORITHMS.md, \"Distributed HyLo\").\n"
     )
     .unwrap();
     writeln!(
@@ -595,6 +602,7 @@ fn curvature_scale(args: &Args) -> Result<(), String> {
     pb.finish_and_clear();
     let path = args.json.with_extension("csv");
     std::fs::write(&path, csv(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_json(&args.json, &rows)?;
     println!(
         "# Curvature scale: ResNet-20 (BatchNorm) on MNIST digits at 32x32, batch 64\n\n\
          SGD steps taken before each measurement (62 = one epoch of the 4,000 digits); the damping \
@@ -605,44 +613,31 @@ fn curvature_scale(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// `--peer-steps`: ResNet-32 and U-Net steps of SGD, K-FAC and HyLo on the CPU, to put beside
-/// `torch_step.py`'s.
-fn peer_steps(args: &Args) {
-    use hylo_benches::steps::{resnet32_steps, unet_steps};
-    type B = burn::backend::Autodiff<burn::backend::Flex>;
-    let device = Default::default();
-    let pb = bar(5 + 3 * 14 + 5 + 2 * 11, "training steps");
-    let resnet = resnet32_steps::<B>(128, 13, &device, &pb);
-    let unet = unet_steps::<B>(4, 128, 32, &["sgd", "kfac", "hylo"], 10, &device, &pb);
+/// `--peer-steps`: ResNet-32 and U-Net steps of SGD, K-FAC and HyLo on the CPU, with PyTorch's
+/// beside them when `--torch-python` is given; the table on stdout, the JSON to `--json`.
+fn peer_steps(args: &Args) -> Result<(), String> {
+    use hylo_benches::peer;
+    let pb = bar(peer::MEASURED_STEPS, "training steps");
+    let models = peer::measure(args.torch_python.as_deref(), &pb)?;
     pb.finish_and_clear();
-    let mut md = String::from(
-        "| model | optimizer | plain step (s) | refresh step (s) | amortised (s) |\n|---|---|---|---|---|\n",
-    );
-    for (model, rows) in [
-        ("ResNet-32, batch 128, refresh every 13", &resnet),
-        (
-            "U-Net (32 features), batch 4, 128x128, refresh every 10",
-            &unet,
-        ),
-    ] {
-        for t in rows.iter().filter(|t| t.optimizer != "sngd") {
-            md.push_str(&format!(
-                "| {model} | {} | {:.3} | {:.3} | {:.3} |\n",
-                t.optimizer, t.plain_step, t.refresh_step, t.amortised
-            ));
-        }
-    }
-    print!("{md}");
-    let json = serde_json::to_string_pretty(&(resnet, unet)).unwrap_or_default();
-    if let Err(e) = std::fs::write(&args.json, json) {
-        eprintln!("error: {}: {e}", args.json.display());
-    }
+    print!("{}", peer::markdown(&models));
+    write_json(&args.json, &models)
 }
 
-/// `--steps-only`: the ResNet-32 step table alone, timed on a second pass.
-fn steps_only<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::Device) {
+/// Writes `value` as pretty JSON to `path`.
+fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `--steps-only`: the ResNet-32 step table alone, timed on a second pass; the JSON to `--json`.
+fn steps_only<B: burn::tensor::backend::AutodiffBackend>(
+    args: &Args,
+    device: &B::Device,
+) -> Result<(), String> {
+    use hylo_benches::steps::DeviceSteps;
     let batch = args.step_batch.unwrap_or(16);
-    let freq = 13;
+    let freq = args.step_freq;
     let pb = bar(
         2 * (5 + 3 * (freq as u64 + 1)),
         "ResNet-32 steps (warm-up pass, then timed)",
@@ -650,18 +645,15 @@ fn steps_only<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B
     let _warm_up = resnet32_steps::<B>(batch, freq, device, &pb);
     let steps = resnet32_steps::<B>(batch, freq, device, &pb);
     pb.finish_and_clear();
-    println!(
-        "| optimizer | refresh step (ms) | other steps (ms) | amortised (ms) |\n|---|---|---|---|"
-    );
-    for s in &steps {
-        println!(
-            "| {} | {} | {} | {} |",
-            s.optimizer,
-            ms(s.refresh_step),
-            ms(s.plain_step),
-            ms(s.amortised)
-        );
-    }
+    let table = DeviceSteps {
+        device: args.device.clone(),
+        release: !cfg!(debug_assertions),
+        batch,
+        freq,
+        steps,
+    };
+    print!("{}", table.markdown());
+    write_json(&args.json, &table)
 }
 
 /// The value of `result`, or its error on stderr and exit status 2.
