@@ -35,9 +35,11 @@ impl Graft {
         match self {
             Self::None => direction,
             Self::Sgd => {
-                let norm = |t: Tensor<B, 2>| t.powi_scalar(2).sum_dim(1).sum_dim(0).sqrt();
-                let scale = norm(gradient.clone()) / norm(direction.clone()).clamp_min(1e-30);
-                direction * scale
+                // One reduction per norm; `+ 1e-30` (not a clamp, which launches two more
+                // kernels on WGPU) keeps a zero direction zero.
+                let norm = |t: Tensor<B, 2>| super::ordered_sum(t.powi_scalar(2)).sqrt();
+                let scale = norm(gradient.clone()) / (norm(direction.clone()) + 1e-30);
+                direction * scale.reshape([1, 1])
             }
         }
     }

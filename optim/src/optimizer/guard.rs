@@ -31,23 +31,29 @@ impl<'a, B: AutodiffBackend> GradientProbes<'a, B> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProbes<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.probes.push((g * 0.0).sum());
+            self.probes.push(probe(g));
             self.ids.push(param.id);
         }
     }
 }
 
-/// True (on the device) when every probe is finite.
-pub fn all_finite<B: Backend>(probes: &Tensor<B, 1>) -> Tensor<B, 1, Bool> {
-    probes.clone().sum().is_finite()
+/// A gradient's probe (`[1]`): 0 when it is finite, NaN when it holds NaN or Inf.
+pub fn probe<B: Backend, const D: usize>(gradient: Tensor<B, D>) -> Tensor<B, 1> {
+    (gradient * 0.0).sum()
 }
 
-/// `mask` (one element) broadcast to `dims`.
-pub fn broadcast<B: Backend, const D: usize>(
-    mask: &Tensor<B, 1, Bool>,
-    dims: [usize; D],
-) -> Tensor<B, D, Bool> {
-    mask.clone().reshape([1; D]).expand(dims)
+/// True (on the device) when every probe is finite: their sum, added one by one (elementwise
+/// work a GPU fuses into few kernels, where concatenating them would copy each), is exactly 0.
+pub fn all_finite<B: Backend>(probes: &[Tensor<B, 1>]) -> Option<Tensor<B, 1, Bool>> {
+    let mut iter = probes.iter().cloned();
+    let first = iter.next()?;
+    Some(iter.fold(first, |acc, p| acc + p).equal_elem(0.0))
+}
+
+/// True (on the device) where `x` is finite: `0 * x` is 0 exactly there and NaN elsewhere (one
+/// elementwise comparison, where `is_finite` launches five unfused kernels on WGPU).
+pub fn finite<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D, Bool> {
+    (x * 0.0).equal_elem(0.0)
 }
 
 /// `updated` where `keep` is true, else `old` (elementwise choice: NaN in the other branch does
@@ -57,8 +63,9 @@ pub fn choose<B: Backend, const D: usize>(
     updated: Tensor<B, D>,
     old: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    let dims = old.dims();
-    old.mask_where(broadcast(keep, dims), updated)
+    // The one-element mask broadcasts inside the kernel: an explicit `expand` would end the
+    // fused kernel of the update (one more launch per parameter on a GPU).
+    old.mask_where(keep.clone().reshape([1; D]), updated)
 }
 
 /// Skipped-step counters on the device: `[total, consecutive]`.
@@ -84,8 +91,33 @@ mod tests {
         let dev = Default::default();
         let old = Tensor::<Flex, 2>::ones([2, 3], &dev);
         let nan = Tensor::<Flex, 2>::full([2, 3], f32::NAN, &dev);
-        let bad = all_finite(&Tensor::<Flex, 1>::from_floats([0.0, f32::NAN], &dev));
-        let good = all_finite(&Tensor::<Flex, 1>::from_floats([0.0, 0.0], &dev));
+        let value = |x: f32| Tensor::<Flex, 1>::from_floats([x], &dev);
+        let bad = all_finite(&[value(0.0), value(f32::NAN), value(0.0)]).unwrap();
+        let good = all_finite(&[value(0.0), value(-0.0)]).unwrap();
+        assert!(all_finite::<Flex>(&[]).is_none());
+        let probed = |g: [f32; 2]| {
+            let p = probe(Tensor::<Flex, 1>::from_floats(g, &dev));
+            all_finite(&[probe(Tensor::<Flex, 1>::ones([3], &dev)), p])
+                .unwrap()
+                .into_data()
+                .to_vec::<bool>()
+                .unwrap()[0]
+        };
+        assert!(probed([1.0, -2.0]));
+        assert!(!probed([1.0, f32::NAN]));
+        assert!(!probed([1.0, f32::INFINITY]));
+        assert!(!probed([f32::NEG_INFINITY, 1.0]));
+        assert!(!probed([f32::INFINITY, f32::NEG_INFINITY]));
+        // Large finite values are finite: their sum may overflow, their products by 0 do not.
+        assert!(probed([3e38, 3e38]));
+        let flags = finite(Tensor::<Flex, 1>::from_floats(
+            [1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -3e38, 0.0],
+            &dev,
+        ));
+        assert_eq!(
+            flags.into_data().to_vec::<bool>().unwrap(),
+            vec![true, false, false, false, true, true]
+        );
         let kept: Vec<f32> = choose(&bad, nan.clone(), old.clone())
             .into_data()
             .to_vec()

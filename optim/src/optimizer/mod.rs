@@ -352,8 +352,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             module.visit(&mut visitor);
             self.names = Arc::new(visitor.names);
         }
-        let probes = (!probes.is_empty()).then(|| Tensor::cat(probes, 0));
-        let apply = probes.as_ref().map(guard::all_finite);
+        let apply = guard::all_finite(&probes);
 
         let mut known = StepReport {
             step: self.step,
@@ -408,9 +407,9 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         // and does not refresh from a batch whose gradients hold NaN or Inf (the step is skipped
         // and leaves no trace, in the curvature either).
         let poisoned = !captures.is_empty()
-            && probes
+            && apply
                 .as_ref()
-                .is_some_and(|p| !host::read_scalar(p.clone().sum()).is_finite());
+                .is_some_and(|ok| host::read_scalar(ok.clone().float()) == 0.0);
         if poisoned {
             tracing::warn!(
                 step = self.step,
@@ -470,7 +469,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         known.damping = self.damping;
         known.step_scale = self.step_scale;
         known.mode = self.mode;
-        let mut values: Vec<Tensor<B::InnerBackend, 1>> = probes.into_iter().collect();
+        let mut values: Vec<Tensor<B::InnerBackend, 1>> = probes;
         values.extend(inner_products);
         values.extend(kl_scale.iter().cloned());
         self.report = PendingReport {
@@ -479,7 +478,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             params: ids,
             layers,
             kl: kl_scale.is_some(),
-            values: (!values.is_empty()).then(|| Tensor::cat(values, 0)),
+            values,
             resolved: Default::default(),
         };
         if let Some(observer) = &self.observer {
@@ -518,9 +517,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                 Curvature::Kfac(state) => state.apply(ghat.clone(), self.damping),
             };
             let vg = ordered_sum(v.clone() * ghat.clone());
-            let finite = vg.clone().is_finite();
             let identity = ghat.clone() / self.damping;
-            let v = guard::choose(&finite, v, identity);
+            let v = guard::choose(&guard::finite(vg.clone()), v, identity);
             let v = self.config.graft.apply(v, &ghat);
             // <v, g> of the direction applied, for the KL clip.
             let applied_vg = self
@@ -532,7 +530,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         if directions.is_empty() {
             return Preconditioned {
                 layers: Vec::new(),
-                inner_products: None,
+                inner_products: Vec::new(),
                 kl_scale: None,
             };
         }
@@ -543,7 +541,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             // min(1, sqrt(kappa / (lr^2 sum <v, g>))); a zero sum gives +inf, clamped to 1.
             (total.recip() * (kappa / (lr * lr))).sqrt().clamp_max(1.0)
         });
-        let inner = Tensor::cat(directions.iter().map(|d| d.2.clone()).collect(), 0);
+        let inner = directions.iter().map(|d| d.2.clone()).collect();
         let mut layers = Vec::with_capacity(directions.len());
         for (meta, v, _, _) in directions {
             let v = match &kl_scale {
@@ -555,27 +553,29 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         }
         Preconditioned {
             layers,
-            inner_products: Some(inner),
+            inner_products: inner,
             kl_scale,
         }
     }
 }
 
-/// The sum of a matrix's entries in a fixed order (`[1]`): rows, then the row sums. Burn-flex
-/// splits a whole-tensor `sum` over rayon threads and adds the parts in the order they finish,
-/// which changes the last bits from run to run; the KL clip scales the update by this sum, so
-/// training would not be reproducible.
-fn ordered_sum<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Tensor<B, 1> {
-    t.sum_dim(1).sum_dim(0).reshape([1])
+/// The sum of a matrix's entries in a fixed order (`[1]`), in one reduction: the matrix as one
+/// row, summed along it. Burn-flex splits a whole-tensor `sum` of 4M values or more over rayon
+/// threads and adds the parts in the order they finish, which changes the last bits from run
+/// to run (the KL clip scales the update by this sum: training would not be reproducible); a
+/// row sum is one sequential pass.
+pub(crate) fn ordered_sum<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Tensor<B, 1> {
+    let n = t.shape().num_elements();
+    t.reshape([1, n]).sum_dim(1).reshape([1])
 }
 
 /// What [`NaturalGradient::precondition`] left on the device for the step report.
 struct Preconditioned<B: burn::tensor::backend::Backend> {
     /// The preconditioned layers (weight ids).
     layers: Vec<ParamId>,
-    /// `<v, g>` per layer (`[L]`), NaN where the direction was not finite and the damped
+    /// `<v, g>` per layer (`[1]` each), NaN where the direction was not finite and the damped
     /// identity was used instead.
-    inner_products: Option<Tensor<B, 1>>,
+    inner_products: Vec<Tensor<B, 1>>,
     /// The KL-clipping scale (`[1]`).
     kl_scale: Option<Tensor<B, 1>>,
 }

@@ -55,9 +55,9 @@ pub(super) struct PendingReport<B: Backend> {
     pub layers: Vec<ParamId>,
     /// Whether a KL-clipping scale ends `values`.
     pub kl: bool,
-    /// `[0 * sum(g) per parameter, <v, g> per layer, kl scale]`: NaN/Inf marks a non-finite
-    /// gradient or direction.
-    pub values: Option<Tensor<B, 1>>,
+    /// `[0 * sum(g) per parameter, <v, g> per layer, kl scale]` (`[1]` each, concatenated only
+    /// when the report is read): NaN/Inf marks a non-finite gradient or direction.
+    pub values: Vec<Tensor<B, 1>>,
     pub resolved: OnceLock<StepReport>,
 }
 
@@ -70,7 +70,7 @@ impl<B: Backend> PendingReport<B> {
             params: Vec::new(),
             layers: Vec::new(),
             kl: false,
-            values: None,
+            values: Vec::new(),
             resolved: OnceLock::new(),
         }
     }
@@ -86,10 +86,10 @@ impl<B: Backend> PendingReport<B> {
     pub fn resolve(&self) -> &StepReport {
         self.resolved.get_or_init(|| {
             let mut report = self.known.clone();
-            let Some(values) = &self.values else {
+            if self.values.is_empty() {
                 return report;
-            };
-            let values = host::read_f64(values.clone());
+            }
+            let values = host::read_f64(Tensor::cat(self.values.clone(), 0));
             let (params, rest) = values.split_at(self.params.len());
             let (layers, rest) = rest.split_at(self.layers.len());
             report.non_finite = self
