@@ -188,7 +188,7 @@ mod tests {
                 min_ms: 240.0,
             }),
         };
-        let md = markdown(&[model.clone()]);
+        let md = markdown(std::slice::from_ref(&model));
         assert!(
             md.contains("| ResNet-32 | hylo | 0.600 | 0.600 | 0.600 | 1.20x |"),
             "{md}"
