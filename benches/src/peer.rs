@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::steps::StepTiming;
+use crate::steps::{sgd_amortised, times_sgd, StepTiming};
 
 /// PyTorch's SGD step of one model, as `torch_step.py --json` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -115,11 +115,7 @@ pub fn markdown(models: &[PeerModel]) -> String {
          |---|---|---|---|---|---|\n",
     );
     for m in models {
-        let sgd = m
-            .ours
-            .iter()
-            .find(|t| t.optimizer == "sgd")
-            .map(|t| t.amortised);
+        let sgd = sgd_amortised(&m.ours);
         for t in m.ours.iter().filter(|t| t.optimizer != "sngd") {
             md.push_str(&format!(
                 "| {} | {} | {:.3} | {:.3} | {:.3} | {} |\n",
@@ -128,7 +124,7 @@ pub fn markdown(models: &[PeerModel]) -> String {
                 t.plain_step,
                 t.refresh_step,
                 t.amortised,
-                sgd.map_or("-".into(), |s| format!("{:.2}x", t.amortised / s))
+                times_sgd(t.amortised, sgd)
             ));
         }
         match &m.torch {
@@ -140,7 +136,7 @@ pub fn markdown(models: &[PeerModel]) -> String {
                 p.median_ms / 1e3,
                 p.min_ms / 1e3,
                 p.median_ms / 1e3,
-                sgd.map_or("-".into(), |s| format!("{:.2}x", p.median_ms / 1e3 / s))
+                times_sgd(p.median_ms / 1e3, sgd)
             )),
             None => md.push_str(&format!(
                 "| {} | PyTorch: not measured (no `--torch-python`) | | | | |\n",

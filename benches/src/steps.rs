@@ -196,6 +196,19 @@ where
     out
 }
 
+/// SGD's amortised step among `steps`, if it was timed.
+pub fn sgd_amortised(steps: &[StepTiming]) -> Option<f64> {
+    steps
+        .iter()
+        .find(|s| s.optimizer == "sgd")
+        .map(|s| s.amortised)
+}
+
+/// `seconds` as a multiple of SGD's step (`2.00x`), or `-` without one.
+pub fn times_sgd(seconds: f64, sgd: Option<f64>) -> String {
+    sgd.map_or("-".into(), |g| format!("{:.2}x", seconds / g))
+}
+
 /// ResNet-32's steps on one device (`hylo-bench --steps-only`), timed after an untimed pass.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceSteps {
@@ -215,11 +228,7 @@ impl DeviceSteps {
     /// The markdown table: per optimizer the refresh, other and amortised steps in ms, and the
     /// amortised step against SGD's.
     pub fn markdown(&self) -> String {
-        let sgd = self
-            .steps
-            .iter()
-            .find(|s| s.optimizer == "sgd")
-            .map(|s| s.amortised);
+        let sgd = sgd_amortised(&self.steps);
         let mut md = String::from(
             "| optimizer | refresh step (ms) | other steps (ms) | amortised (ms) | amortised / SGD |\n\
              |---|---|---|---|---|\n",
@@ -231,7 +240,7 @@ impl DeviceSteps {
                 s.refresh_step * 1e3,
                 s.plain_step * 1e3,
                 s.amortised * 1e3,
-                sgd.map_or("-".into(), |g| format!("{:.2}x", s.amortised / g))
+                times_sgd(s.amortised, sgd)
             ));
         }
         md
