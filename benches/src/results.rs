@@ -164,11 +164,13 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
              warm-up step and four timed) and K-FAC and HyLo (the curvature refreshed on one \
              step, the plain steps up to the next refresh timed; damping from 1.5, everything \
              else the library's defaults), each model followed at once by PyTorch's SGD step of \
-             the same model and batch (`benches/peer/torch_step.py {}`; 2 warm-up and 5 \
+             the same model and batch (`benches/peer/torch_step.py` with {}; 2 warm-up and 5 \
              timed steps).\n\n{}\n",
             models
-                .first()
-                .map_or(String::new(), |m| m.torch_args.join(" ")),
+                .iter()
+                .map(|m| format!("`{}`", m.torch_args.join(" ")))
+                .collect::<Vec<_>>()
+                .join(" and "),
             peer::markdown(&models)
         ));
     }
