@@ -10,8 +10,8 @@
 //! kernels handle: 10-20x faster on Flex, the same operations on the GPU backends.
 
 use burn::config::Config;
-use burn::module::{Initializer, Module, Param, RunningState};
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, Initializer, Module, ModuleVisitor, Param, RunningState};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
 /// Settings of [`BatchNorm2d`] (those of Burn's `BatchNormConfig`).
@@ -61,6 +61,7 @@ impl BatchNorm2dConfig {
 
 thread_local! {
     static FROZEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static AVERAGING: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` with the running statistics of every [`BatchNorm2d`] left unchanged by forward
@@ -71,6 +72,32 @@ pub fn with_frozen_statistics<R>(f: impl FnOnce() -> R) -> R {
     let out = f();
     FROZEN.with(|c| c.set(previous));
     out
+}
+
+/// Runs `f`, the forward pass of batch `index` (from 0) of a recalibration, with the running
+/// statistics of every [`BatchNorm2d`] on this thread set to the plain average over the
+/// recalibration's batches (batch `index` weighs `1 / (index + 1)`, so batch 0 replaces the old
+/// statistics): after `k` batches they are the mean of their `k` batch statistics, as "precise
+/// BatchNorm" computes them for evaluation.
+pub fn with_statistics_averaged<R>(index: u64, f: impl FnOnce() -> R) -> R {
+    let previous = AVERAGING.with(|c| c.replace(Some(index)));
+    let out = f();
+    AVERAGING.with(|c| c.set(previous));
+    out
+}
+
+/// Whether `module` holds running statistics (floats that no gradient updates, such as
+/// [`BatchNorm2d`]'s mean and variance).
+pub fn has_running_statistics<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> bool {
+    struct Find(bool);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Find {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= !param.val().is_require_grad();
+        }
+    }
+    let mut find = Find(false);
+    module.visit(&mut find);
+    find.0
 }
 
 /// A per-channel vector `[C]` as the contiguous column `[n, C, 1]`.
@@ -107,7 +134,9 @@ impl<B: Backend> BatchNorm2d<B> {
     }
 
     fn update_running(&self, mean: Tensor<B, 1>, var: Tensor<B, 1>) {
-        let m = self.momentum;
+        let m = AVERAGING
+            .with(|a| a.get())
+            .map_or(self.momentum, |index| 1.0 / (index as f64 + 1.0));
         let device = mean.device();
         let running_mean = self.running_mean.value_sync().to_device(&device);
         let running_var = self.running_var.value_sync().to_device(&device);
@@ -215,5 +244,70 @@ mod tests {
         assert!(max_rel(frozen.inner(), unfrozen.inner()) < 1e-6);
         let moved: f32 = bn.running_mean.value_sync().abs().sum().into_scalar();
         assert!(moved > 0.1, "{moved}");
+    }
+
+    #[test]
+    fn averaged_statistics_are_the_mean_of_the_batches_statistics() {
+        let dev = Default::default();
+        let bn = BatchNorm2dConfig::new(3).init::<A>(&dev);
+        // Statistics from earlier training that the recalibration must forget.
+        bn.forward(Tensor::<A, 4>::random(
+            [4, 3, 5, 5],
+            Distribution::Normal(-7.0, 9.0),
+            &dev,
+        ));
+        let batches: Vec<Tensor<A, 4>> = (0..3)
+            .map(|i| {
+                Tensor::random(
+                    [4, 3, 5, 5],
+                    Distribution::Normal(i as f64, 1.0 + i as f64),
+                    &dev,
+                )
+            })
+            .collect();
+        for (i, x) in batches.iter().enumerate() {
+            with_statistics_averaged(i as u64, || bn.forward(x.clone()));
+        }
+        // The batches' own statistics, per channel: mean over N, H, W; biased variance.
+        let stats = |x: &Tensor<A, 4>| {
+            let x = x.clone().inner().swap_dims(0, 1).reshape([3, 100]);
+            let mean = x.clone().mean_dim(1);
+            let var = (x - mean.clone()).square().mean_dim(1);
+            (mean.reshape([3]), var.reshape([3]))
+        };
+        let (mut mean, mut var) = (
+            Tensor::<Flex, 1>::zeros([3], &dev),
+            Tensor::zeros([3], &dev),
+        );
+        for x in &batches {
+            let (m, v) = stats(x);
+            mean = mean + m / 3.0;
+            var = var + v / 3.0;
+        }
+        let close = |a: Tensor<Flex, 1>, b: Tensor<Flex, 1>| {
+            max_rel(a.reshape([1, 1, 1, 3]), b.reshape([1, 1, 1, 3])) < 1e-5
+        };
+        assert!(close(bn.running_mean.value_sync().inner(), mean));
+        assert!(close(bn.running_var.value_sync().inner(), var));
+        // Outside the recalibration the module's own momentum applies again.
+        let before = bn.running_mean.value_sync().inner();
+        let x = Tensor::<A, 4>::random([4, 3, 5, 5], Distribution::Normal(5.0, 1.0), &dev);
+        let (m, _) = stats(&x);
+        bn.forward(x);
+        assert!(close(
+            bn.running_mean.value_sync().inner(),
+            before * 0.9 + m * 0.1
+        ));
+    }
+
+    #[test]
+    fn running_statistics_are_found_in_batch_norm_layers_only() {
+        let dev = Default::default();
+        assert!(has_running_statistics::<A, _>(
+            &BatchNorm2dConfig::new(3).init::<A>(&dev)
+        ));
+        assert!(!has_running_statistics::<A, _>(
+            &burn::nn::LinearConfig::new(3, 2).init::<A>(&dev)
+        ));
     }
 }

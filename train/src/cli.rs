@@ -359,6 +359,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub val_every: Option<u64>,
+    /// BatchNorm statistics recomputed before each validation as the average over N training
+    /// batches at the current weights ("precise BatchNorm"; 0: the running averages of the
+    /// training steps, which lag behind the weights and make validation swing)
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[serde(default)]
+    pub bn_recalibrate: u64,
     /// Steps between reads of the training metrics from the device (progress, skip checks).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default = "default_log_every")]

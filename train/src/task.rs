@@ -282,6 +282,27 @@ impl<B: AutodiffBackend> TrainModel<B> for UNet<B> {
     }
 }
 
+/// "Precise BatchNorm": sets the running statistics of every BatchNorm layer of `model` to the
+/// average of its batch statistics over `batches` at the current weights (forward passes with
+/// `capture` off; no gradient, no step); the number of batches used.
+pub fn recalibrate_statistics<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    batches: impl IntoIterator<Item = Result<Batch<B>, String>>,
+    capture: &hylo_optim::CaptureHandle,
+) -> Result<usize, String> {
+    capture.without_capture(|| {
+        let mut used = 0;
+        for batch in batches {
+            let batch = batch?;
+            hylo_models::batch_norm::with_statistics_averaged(used as u64, || {
+                model.objective(batch)
+            });
+            used += 1;
+        }
+        Ok(used)
+    })
+}
+
 /// Loss and score of `model` on the validation set (one host read at the end); a sample that
 /// cannot be read fails it with the file's name, unless the batcher skips such samples (then
 /// each is logged through `log`).

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use hylo_datasets::{loader, Batch, EpochOrder, SampleBatcher};
+use hylo_models::batch_norm::has_running_statistics;
 use hylo_optim::comm::{all_reduce_mean, average_buffers};
 use hylo_optim::schedule::{WarmupMultiStep, WarmupMultiStepConfig};
 use hylo_optim::{CaptureHandle, PeriodVerdict};
@@ -17,7 +18,7 @@ use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
 use crate::output::{self, restore_metrics, MetricsRow, RefreshPoint, RunState};
 pub use crate::task::validate;
-use crate::task::{PendingTally, Tally, TrainModel};
+use crate::task::{recalibrate_statistics, PendingTally, Tally, TrainModel};
 pub use crate::watches::Stop;
 use crate::watches::{joint_stop, local_stop, DivergenceWatch, SkipWatch};
 use crate::workers::Workers;
@@ -343,6 +344,34 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         )
     }
 
+    /// `--bn-recalibrate N`: the BatchNorm statistics recomputed at the current weights as the
+    /// average over the first N batches of the current epoch (forward passes only, no capture,
+    /// no step), then averaged over the ranks; models without running statistics are left alone.
+    fn recalibrate(&mut self) -> Result<(), String> {
+        let n = self.setup.args.bn_recalibrate as usize;
+        if n == 0 || !has_running_statistics::<B, M>(&self.model) {
+            return Ok(());
+        }
+        let order = self.setup.order(self.state.epoch, 0);
+        let batches = loader::<B>(
+            self.train_batcher.clone(),
+            order,
+            self.local_batch,
+            self.setup.device,
+        );
+        let batches = batches.iter().take(n).map(|b| b.map_err(|e| e.to_string()));
+        recalibrate_statistics(&self.model, batches, self.setup.capture)?;
+        let comm = self.setup.workers.comm.as_ref();
+        self.model = average_buffers::<B, M>(self.model.clone(), comm).0;
+        Ok(())
+    }
+
+    /// The validation tally after `--bn-recalibrate`'s recalibration.
+    fn recalibrate_and_validate(&mut self) -> Result<Tally, String> {
+        self.recalibrate()?;
+        self.validate()
+    }
+
     /// Seconds of training so far (across resumes): validation and the writing of
     /// checkpoints, metrics and plots are left out, so optimizers are timed alike.
     fn wall(&self) -> f64 {
@@ -365,7 +394,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             return Ok(());
         }
         let wall_s = self.wall();
-        let val = self.paused(|run| run.validate())?;
+        let val = self.paused(|run| run.recalibrate_and_validate())?;
         self.checks.push(ValCheck {
             step,
             wall_s,
@@ -533,7 +562,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     pub fn end_epoch(&mut self) -> Result<(), String> {
         let setup = self.setup;
         let wall_s = self.wall();
-        let val = self.paused(|run| run.validate())?;
+        let val = self.paused(|run| run.recalibrate_and_validate())?;
         if setup.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
             let t = &mut self.state.train;
@@ -631,7 +660,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let final_val = match self.last_val {
             Some(val) => val,
             None => {
-                let val = self.validate()?;
+                let val = self.recalibrate_and_validate()?;
                 (val.loss(), val.score())
             }
         };

@@ -113,6 +113,15 @@ impl CaptureHandle {
         self.armed.load(Ordering::SeqCst)
     }
 
+    /// Runs `f` (forward passes that are not training steps) with capture off, then re-arms
+    /// the handle as it was; the pending captures are kept.
+    pub fn without_capture<R>(&self, f: impl FnOnce() -> R) -> R {
+        let armed = self.armed.swap(false, Ordering::SeqCst);
+        let out = f();
+        self.armed.store(armed, Ordering::SeqCst);
+        out
+    }
+
     fn lock(&self) -> MutexGuard<'_, CaptureState> {
         // A panic elsewhere while holding the lock leaves plain data behind; keep going.
         self.state
@@ -205,15 +214,14 @@ impl CaptureHandle {
         };
         if end {
             if let Some(kept) = kept.and_then(|k| k.downcast::<T>().ok()) {
-                // The extra forward pass records nothing.
-                let armed = self.is_armed();
-                self.armed.store(false, Ordering::SeqCst);
-                // Burn's BatchNorm (any running state) would move its statistics in this extra
-                // forward pass: they are put back as they were.
-                let statistics = super::statistics::Statistics::<B>::save(module);
-                let after = loss_of(module, &kept).detach().inner();
-                statistics.restore(module);
-                self.armed.store(armed, Ordering::SeqCst);
+                // The extra forward pass records nothing. Burn's BatchNorm (any running state)
+                // would move its statistics in it: they are put back as they were.
+                let after = self.without_capture(|| {
+                    let statistics = super::statistics::Statistics::<B>::save(module);
+                    let after = loss_of(module, &kept).detach().inner();
+                    statistics.restore(module);
+                    after
+                });
                 self.lock().period.ended = Some(Box::new(after));
             }
         }
