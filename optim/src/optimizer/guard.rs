@@ -63,9 +63,25 @@ pub fn choose<B: Backend, const D: usize>(
     updated: Tensor<B, D>,
     old: Tensor<B, D>,
 ) -> Tensor<B, D> {
+    choose_shaped(&shaped(keep), updated, old)
+}
+
+/// The one-element mask shaped `[1; D]`, to broadcast against a `D`-dimensional tensor. Shape it
+/// before the arithmetic it guards: a reshape between element-wise operations ends Burn's fused
+/// kernel on the GPU backends.
+pub fn shaped<B: Backend, const D: usize>(keep: &Tensor<B, 1, Bool>) -> Tensor<B, D, Bool> {
+    keep.clone().reshape([1; D])
+}
+
+/// [`choose`] with a mask already shaped `[1; D]` ([`shaped`]).
+pub fn choose_shaped<B: Backend, const D: usize>(
+    keep: &Tensor<B, D, Bool>,
+    updated: Tensor<B, D>,
+    old: Tensor<B, D>,
+) -> Tensor<B, D> {
     // The one-element mask broadcasts inside the kernel: an explicit `expand` would end the
     // fused kernel of the update (one more launch per parameter on a GPU).
-    old.mask_where(keep.clone().reshape([1; D]), updated)
+    old.mask_where(keep.clone(), updated)
 }
 
 /// Skipped-step counters on the device: `[total, consecutive]`.

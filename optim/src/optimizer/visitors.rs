@@ -91,6 +91,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
             }
             return Param::from_mapped_value(id, tensor, mapper);
         };
+        // The guard's mask shaped first: a reshape inside the update would split its kernel.
+        let keep = self.apply.as_ref().map(guard::shaped::<_, D>);
         let require_grad = tensor.is_require_grad();
         let value = tensor.inner();
         let dims = value.dims();
@@ -99,21 +101,23 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MomentumUpdate<'_, B> {
         if self.weight_decay != 0.0 {
             d = d + value.clone() * self.weight_decay;
         }
-        let d = d.reshape([numel]);
-        let old = self.buffers.remove(&id.val());
+        // Computed in the parameter's shape (the buffer is kept flat): a reshape between two
+        // element-wise operations ends Burn's fused kernel, so that the whole update (decay,
+        // momentum, step, guard) fuses.
+        let old = self.buffers.remove(&id.val()).map(|buf| buf.reshape(dims));
         let buf = match &old {
             Some(buf) if self.momentum != 0.0 => buf.clone() * self.momentum + d,
             _ => d,
         };
-        let mut updated = value.clone() - buf.clone().reshape(dims) * self.lr;
+        let mut updated = value.clone() - buf.clone() * self.lr;
         let mut buf = buf;
-        if let Some(apply) = &self.apply {
-            updated = guard::choose(apply, updated, value);
+        if let Some(keep) = &keep {
+            updated = guard::choose_shaped(keep, updated, value);
             let old = old.unwrap_or_else(|| buf.zeros_like());
-            buf = guard::choose(apply, buf, old);
+            buf = guard::choose_shaped(keep, buf, old);
         }
         if self.momentum != 0.0 {
-            self.buffers.insert(id.val(), buf);
+            self.buffers.insert(id.val(), buf.reshape([numel]));
         }
         let mut tensor = Tensor::from_inner(updated);
         if require_grad {
