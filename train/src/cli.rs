@@ -361,7 +361,7 @@ pub struct TrainArgs {
     pub val_every: Option<u64>,
     /// BatchNorm statistics recomputed before each validation as the average over N training
     /// batches at the current weights ("precise BatchNorm"; 0: the running averages of the
-    /// training steps, which lag behind the weights and make validation swing)
+    /// training steps, which lag behind the weights and make validation swing).
     #[arg(long, value_name = "N", default_value_t = 20)]
     #[serde(default)]
     pub bn_recalibrate: u64,
