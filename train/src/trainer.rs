@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use hylo_datasets::{loader, Batch, EpochOrder, SampleBatcher};
+use hylo_datasets::{loader, Batch, BatchLoader, EpochOrder, SampleBatcher};
 use hylo_models::batch_norm::has_running_statistics;
 use hylo_optim::comm::{all_reduce_mean, average_buffers};
 use hylo_optim::schedule::{WarmupMultiStep, WarmupMultiStepConfig};
@@ -316,19 +316,25 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let Some(point) = self.state.refresh else {
             return Ok(());
         };
-        let order = self.setup.order(point.epoch, point.step_in_epoch);
-        let batch = loader::<B>(
+        let batch = self
+            .train_loader(point.epoch, point.step_in_epoch)
+            .iter()
+            .next()
+            .ok_or("the first batch of the curvature period is past its epoch's end")?
+            .map_err(|e| e.to_string())?;
+        self.setup.capture.restore_period_batch(batch);
+        Ok(())
+    }
+
+    /// This rank's training batches of `epoch`, from batch `skip` on.
+    fn train_loader(&self, epoch: u64, skip: u64) -> BatchLoader<B> {
+        let order = self.setup.order(epoch, skip);
+        loader::<B>(
             self.train_batcher.clone(),
             order,
             self.local_batch,
             self.setup.device,
         )
-        .iter()
-        .next()
-        .ok_or("the first batch of the curvature period is past its epoch's end")?
-        .map_err(|e| e.to_string())?;
-        self.setup.capture.restore_period_batch(batch);
-        Ok(())
     }
 
     /// The model's validation tally on this rank's validation set.
@@ -352,13 +358,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         if n == 0 || !has_running_statistics::<B, M>(&self.model) {
             return Ok(());
         }
-        let order = self.setup.order(self.state.epoch, 0);
-        let batches = loader::<B>(
-            self.train_batcher.clone(),
-            order,
-            self.local_batch,
-            self.setup.device,
-        );
+        let batches = self.train_loader(self.state.epoch, 0);
         let batches = batches.iter().take(n).map(|b| b.map_err(|e| e.to_string()));
         recalibrate_statistics(&self.model, batches, self.setup.capture)?;
         let comm = self.setup.workers.comm.as_ref();
@@ -406,15 +406,9 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// The rest of the current epoch; `Some` when the run stops (a stop at the epoch's last
     /// step ends the epoch first).
     pub fn epoch(&mut self) -> Result<Option<Stop>, String> {
-        let order = self.setup.order(self.state.epoch, self.state.step_in_epoch);
         self.bars.steps.reset();
         self.bars.steps.set_position(self.state.step_in_epoch);
-        let batches = loader::<B>(
-            self.train_batcher.clone(),
-            order,
-            self.local_batch,
-            self.setup.device,
-        );
+        let batches = self.train_loader(self.state.epoch, self.state.step_in_epoch);
         for batch in batches.iter() {
             self.step(batch.map_err(|e| e.to_string())?)?;
             let stop = self.stop();

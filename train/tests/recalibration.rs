@@ -119,6 +119,7 @@ fn recalibration_changes_validation_and_leaves_training_alone() {
         read_metrics(&out.join("metrics.csv")).unwrap()
     };
     let (off, on) = (run(0), run(4));
+    assert_eq!((off.len(), on.len()), (2, 2));
     for (a, b) in off.iter().zip(&on) {
         assert_eq!(a.train_loss, b.train_loss);
         assert_ne!(a.val_loss, b.val_loss);
