@@ -365,6 +365,11 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     #[serde(default)]
     pub bn_recalibrate: u64,
+    /// Batches the BatchNorm statistics are recomputed over before each `--val-every` check
+    /// (at most `--bn-recalibrate`; epoch ends use `--bn-recalibrate`'s count).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[serde(default)]
+    pub bn_recalibrate_checks: u64,
     /// Steps between reads of the training metrics from the device (progress, skip checks).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default = "default_log_every")]

@@ -350,11 +350,11 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         )
     }
 
-    /// `--bn-recalibrate N`: the BatchNorm statistics recomputed at the current weights as the
-    /// average over the first N batches of the current epoch (forward passes only, no capture,
+    /// `--bn-recalibrate`: the BatchNorm statistics recomputed at the current weights as the
+    /// average over the first `n` batches of the current epoch (forward passes only, no capture,
     /// no step), then averaged over the ranks; models without running statistics are left alone.
-    fn recalibrate(&mut self) -> Result<(), String> {
-        let n = self.setup.args.bn_recalibrate as usize;
+    fn recalibrate(&mut self, n: u64) -> Result<(), String> {
+        let n = n as usize;
         if n == 0 || !has_running_statistics::<B, M>(&self.model) {
             return Ok(());
         }
@@ -366,9 +366,15 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         Ok(())
     }
 
-    /// The validation tally after `--bn-recalibrate`'s recalibration.
-    fn recalibrate_and_validate(&mut self) -> Result<Tally, String> {
-        self.recalibrate()?;
+    /// The validation tally after recalibrating on `--bn-recalibrate` batches, or at a
+    /// `--val-every` check (`at_check`) on `--bn-recalibrate-checks` (at most as many).
+    fn recalibrate_and_validate(&mut self, at_check: bool) -> Result<Tally, String> {
+        let args = &self.setup.args;
+        let n = match at_check {
+            true => args.bn_recalibrate_checks.min(args.bn_recalibrate),
+            false => args.bn_recalibrate,
+        };
+        self.recalibrate(n)?;
         self.validate()
     }
 
@@ -394,7 +400,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             return Ok(());
         }
         let wall_s = self.wall();
-        let val = self.paused(|run| run.recalibrate_and_validate())?;
+        let val = self.paused(|run| run.recalibrate_and_validate(true))?;
         self.checks.push(ValCheck {
             step,
             wall_s,
@@ -556,7 +562,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     pub fn end_epoch(&mut self) -> Result<(), String> {
         let setup = self.setup;
         let wall_s = self.wall();
-        let val = self.paused(|run| run.recalibrate_and_validate())?;
+        let val = self.paused(|run| run.recalibrate_and_validate(false))?;
         if setup.workers.distributed() {
             // Training loss and accuracy over every rank's shard.
             let t = &mut self.state.train;
@@ -654,7 +660,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let final_val = match self.last_val {
             Some(val) => val,
             None => {
-                let val = self.recalibrate_and_validate()?;
+                let val = self.recalibrate_and_validate(false)?;
                 (val.loss(), val.score())
             }
         };

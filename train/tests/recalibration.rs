@@ -103,25 +103,38 @@ fn recalibration_changes_validation_and_leaves_training_alone() {
     use hylo_train::app::{run_training, Cli, Command};
     use hylo_train::output::read_metrics;
     let dir = tempfile::tempdir().unwrap();
-    let run = |n: u64| {
-        let out = dir.path().join(format!("bn{n}"));
+    let run = |n: u64, at_checks: u64| {
+        let out = dir.path().join(format!("bn{n}-{at_checks}"));
         let line = format!(
             "hylo-train classify --model resnet20 --image-size 8 --optim hylo --epochs 2 \
              --train-samples 128 --val-samples 64 --batch-size 16 --freq 3 --lr 0.5 \
-             --bn-recalibrate {n} --out {}",
+             --val-every 3 --bn-recalibrate {n} --bn-recalibrate-checks {at_checks} --out {}",
             out.display()
         );
         let command = match <Cli as clap::Parser>::parse_from(line.split_whitespace()).command {
             Some(Command::Classify(c)) => c,
             other => panic!("{other:?}"),
         };
-        run_training("classify", command).unwrap();
-        read_metrics(&out.join("metrics.csv")).unwrap()
+        let outcome = run_training("classify", command).unwrap();
+        let checks: Vec<f64> = outcome.checks.iter().map(|c| c.val_score).collect();
+        (read_metrics(&out.join("metrics.csv")).unwrap(), checks)
     };
-    let (off, on) = (run(0), run(4));
+    let ((off, off_checks), (on, on_checks)) = (run(0, 0), run(4, 0));
     assert_eq!((off.len(), on.len()), (2, 2));
     for (a, b) in off.iter().zip(&on) {
         assert_eq!(a.train_loss, b.train_loss);
         assert_ne!(a.val_loss, b.val_loss);
+    }
+    // `--bn-recalibrate-checks 0`: the checks read the running statistics (the same as with no
+    // recalibration until the first epoch's end recalibrates them).
+    assert_eq!((off_checks.len(), on_checks.len()), (5, 5));
+    assert_eq!(on_checks[..2], off_checks[..2]);
+    // Recalibrated at the checks too: the checks change, the epochs' rows do not (each epoch's
+    // end recalibrates from scratch).
+    let (both, both_checks) = run(4, 2);
+    assert_eq!(both_checks.len(), 5);
+    assert_ne!(both_checks[..2], on_checks[..2]);
+    for (a, b) in on.iter().zip(&both) {
+        assert_eq!((a.train_loss, a.val_loss), (b.train_loss, b.val_loss));
     }
 }
