@@ -2,26 +2,30 @@
 //! [`Run::epoch`] of [`Run::step`]s with their log points, [`Run::end_epoch`] (validation,
 //! metrics, checkpoint) and [`Run::finish`], the one exit.
 
+mod setup;
+mod validation;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use hylo_datasets::{loader, Batch, BatchLoader, EpochOrder, SampleBatcher};
-use hylo_models::batch_norm::has_running_statistics;
+use hylo_datasets::{loader, Batch, BatchLoader, SampleBatcher};
 use hylo_optim::comm::{all_reduce_mean, average_buffers};
 use hylo_optim::schedule::{WarmupMultiStep, WarmupMultiStepConfig};
 use hylo_optim::{CaptureHandle, PeriodVerdict};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cli::TrainArgs;
 use crate::data::DataSources;
 use crate::optimizers::{AnyOptimizer, CheckpointRecorder};
 use crate::output::{self, restore_metrics, MetricsRow, RefreshPoint, RunState};
 pub use crate::task::validate;
-use crate::task::{recalibrate_statistics, PendingTally, Tally, TrainModel};
+use crate::task::{PendingTally, Tally, TrainModel};
 pub use crate::watches::Stop;
 use crate::watches::{joint_stop, local_stop, DivergenceWatch, SkipWatch};
 use crate::workers::Workers;
+use setup::Bars;
+pub use setup::Setup;
+pub use validation::ValCheck;
 
 /// The result of a training invocation.
 #[derive(Clone, Debug)]
@@ -84,100 +88,6 @@ where
     run.finish(Stop::Finished)
 }
 
-/// What a run is given: settings, data, the capture handle, device and workers.
-pub struct Setup<'a, B: AutodiffBackend> {
-    /// The arguments.
-    pub args: &'a TrainArgs,
-    /// `classify` or `segment` (for `config.json`).
-    pub command: &'a str,
-    /// Training and validation data.
-    pub data: &'a DataSources,
-    /// Shared by the model and the optimizer.
-    pub capture: &'a CaptureHandle,
-    /// Where tensors live.
-    pub device: &'a B::Device,
-    /// This process and the others of a distributed run.
-    pub workers: &'a Workers,
-}
-
-// References only: copied freely whatever the backend (a derive would ask `B: Copy`).
-impl<B: AutodiffBackend> Clone for Setup<'_, B> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<B: AutodiffBackend> Copy for Setup<'_, B> {}
-
-impl<B: AutodiffBackend> Setup<'_, B> {
-    /// Writes a line to `train.log` (the rank that writes).
-    fn log(&self, line: &str) {
-        if self.workers.writes() {
-            output::log(self.args.out_dir(), line);
-        }
-    }
-
-    /// Steps of an epoch and this rank's share of a batch.
-    fn batches(&self) -> Result<(usize, usize), String> {
-        let batch = self.args.batch_size as usize;
-        let train_len = self.data.train.len();
-        let size = self.workers.size();
-        if train_len / batch == 0 {
-            return Err(format!(
-                "--batch-size {batch} is larger than the training set ({train_len} samples)"
-            ));
-        }
-        if !batch.is_multiple_of(size) {
-            return Err(format!(
-                "--batch-size {batch} must be a multiple of the {size} ranks"
-            ));
-        }
-        Ok((train_len / batch, batch / size))
-    }
-
-    /// This rank's batches of `epoch` (shuffled, augmented), from batch `skip` on.
-    fn order(&self, epoch: u64, skip: u64) -> EpochOrder {
-        let (_, local) = self.batches().expect("checked at the start");
-        EpochOrder::sharded(
-            self.data.train.len(),
-            self.args.batch_size as usize,
-            self.args.seed,
-            epoch,
-            true,
-            true,
-            self.workers.rank(),
-            self.workers.size(),
-        )
-        .skip_batches(skip as usize, local)
-    }
-}
-
-/// The progress bars on stderr (hidden on ranks that do not write).
-struct Bars {
-    all: MultiProgress,
-    epochs: ProgressBar,
-    steps: ProgressBar,
-}
-
-impl Bars {
-    fn new(epochs: u64, done: u64, steps: u64, visible: bool) -> Self {
-        let all = MultiProgress::new();
-        if !visible {
-            all.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        let epochs = all.add(ProgressBar::new(epochs).with_position(done));
-        epochs.set_style(
-            ProgressStyle::with_template("epoch {pos}/{len} {wide_bar} {msg}").expect("template"),
-        );
-        let steps = all.add(ProgressBar::new(steps));
-        steps.set_style(
-            ProgressStyle::with_template("step {pos}/{len} {bar:30} {per_sec} {msg}")
-                .expect("template"),
-        );
-        Self { all, epochs, steps }
-    }
-}
-
 /// A training run in progress.
 pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     setup: Setup<'a, B>,
@@ -209,17 +119,6 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     last_val: Option<(f64, f64)>,
     /// `--val-every` validations of this invocation.
     checks: Vec<ValCheck>,
-}
-
-/// A validation between epochs (`--val-every`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ValCheck {
-    /// Optimizer steps so far.
-    pub step: u64,
-    /// Seconds of training so far.
-    pub wall_s: f64,
-    /// Validation accuracy or Dice.
-    pub val_score: f64,
 }
 
 impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
@@ -337,47 +236,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         )
     }
 
-    /// The model's validation tally on this rank's validation set.
-    fn validate(&self) -> Result<Tally, String> {
-        let setup = self.setup;
-        validate::<B, M>(
-            setup.data,
-            &self.val_batcher,
-            &self.model,
-            setup.args.batch_size as usize,
-            setup.device,
-            &|l: &str| setup.log(l),
-        )
-    }
-
-    /// `--bn-recalibrate`: the BatchNorm statistics recomputed at the current weights as the
-    /// average over the first `n` batches of the current epoch (forward passes only, no capture,
-    /// no step), then averaged over the ranks; models without running statistics are left alone.
-    fn recalibrate(&mut self, n: u64) -> Result<(), String> {
-        let n = n as usize;
-        if n == 0 || !has_running_statistics::<B, M>(&self.model) {
-            return Ok(());
-        }
-        let batches = self.train_loader(self.state.epoch, 0);
-        let batches = batches.iter().take(n).map(|b| b.map_err(|e| e.to_string()));
-        recalibrate_statistics(&self.model, batches, self.setup.capture)?;
-        let comm = self.setup.workers.comm.as_ref();
-        self.model = average_buffers::<B, M>(self.model.clone(), comm).0;
-        Ok(())
-    }
-
-    /// The validation tally after recalibrating on `--bn-recalibrate` batches, or at a
-    /// `--val-every` check (`at_check`) on `--bn-recalibrate-checks` (at most as many).
-    fn recalibrate_and_validate(&mut self, at_check: bool) -> Result<Tally, String> {
-        let args = &self.setup.args;
-        let n = match at_check {
-            true => args.bn_recalibrate_checks.min(args.bn_recalibrate),
-            false => args.bn_recalibrate,
-        };
-        self.recalibrate(n)?;
-        self.validate()
-    }
-
     /// Seconds of training so far (across resumes): validation and the writing of
     /// checkpoints, metrics and plots are left out, so optimizers are timed alike.
     fn wall(&self) -> f64 {
@@ -390,23 +248,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let out = work(self);
         self.paused += start.elapsed().as_secs_f64();
         out
-    }
-
-    /// `--val-every`: validates between epochs, for the time to a target.
-    fn check_point(&mut self) -> Result<(), String> {
-        let every = self.setup.args.val_every.unwrap_or(0);
-        let step = self.state.global_step;
-        if every == 0 || !step.is_multiple_of(every) {
-            return Ok(());
-        }
-        let wall_s = self.wall();
-        let val = self.paused(|run| run.recalibrate_and_validate(true))?;
-        self.checks.push(ValCheck {
-            step,
-            wall_s,
-            val_score: val.score(),
-        });
-        Ok(())
     }
 
     /// The rest of the current epoch; `Some` when the run stops (a stop at the epoch's last
