@@ -25,6 +25,18 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Adds `other`'s sums to these.
+    pub fn merge(&mut self, other: Tally) {
+        self.loss_sum += other.loss_sum;
+        self.samples += other.samples;
+        self.correct += other.correct;
+        for (key, (num, den)) in other.dice {
+            let entry = self.dice.entry(key).or_insert((0.0, 0.0));
+            entry.0 += num;
+            entry.1 += den;
+        }
+    }
+
     /// Mean loss.
     pub fn loss(&self) -> f64 {
         self.loss_sum / self.samples.max(1) as f64
@@ -50,6 +62,12 @@ impl Tally {
 pub struct PendingTally<B: Backend> {
     values: Vec<Tensor<B, 1>>,
     parts: Vec<Part>,
+    /// Where the batches of the open curvature period start in `parts` (`None`: no period
+    /// open, every batch counts at once).
+    period_from: Option<usize>,
+    /// The open period's batches already read: they count once the period is kept, and are
+    /// dropped with it when it is rejected (its updates were undone).
+    period: Tally,
 }
 
 /// What one pending batch contributes.
@@ -65,6 +83,8 @@ impl<B: Backend> Default for PendingTally<B> {
         Self {
             values: Vec::new(),
             parts: Vec::new(),
+            period_from: None,
+            period: Tally::default(),
         }
     }
 }
@@ -96,14 +116,47 @@ impl<B: Backend> PendingTally<B> {
         self.parts.push(Part::Dice { keys });
     }
 
-    /// Adds everything pending to `tally` (one blocking read) and empties the queue.
+    /// Opens a curvature period after the batch just queued: what the open period holds counts
+    /// in `tally` (it was kept), and the batches from here on wait for the new period's verdict.
+    pub fn open_period(&mut self, tally: &mut Tally) {
+        self.commit_period(tally);
+        self.period_from = Some(self.parts.len());
+    }
+
+    /// Counts the open period's batches read so far in `tally` (an epoch ends, or a checkpoint
+    /// is written); the period stays open for the batches still to come.
+    pub fn commit_period(&mut self, tally: &mut Tally) {
+        tally.merge(std::mem::take(&mut self.period));
+    }
+
+    /// Drops the batches of the open period (it was rejected: its updates were undone) and
+    /// closes it.
+    pub fn discard_period(&mut self) {
+        if let Some(from) = self.period_from.take() {
+            self.values.truncate(from);
+            self.parts.truncate(from);
+        }
+        self.period = Tally::default();
+    }
+
+    /// Adds everything pending to `tally` (one blocking read) and empties the queue; the open
+    /// period's batches go to its own tally until it is judged.
     pub fn flush(&mut self, tally: &mut Tally) {
         if self.parts.is_empty() {
             return;
         }
         let values = hylo_optim::host::read_f64(Tensor::cat(std::mem::take(&mut self.values), 0));
         let mut at = 0;
-        for part in std::mem::take(&mut self.parts) {
+        let from = self.period_from.unwrap_or(usize::MAX);
+        if self.period_from.is_some() {
+            self.period_from = Some(0);
+        }
+        for (index, part) in std::mem::take(&mut self.parts).into_iter().enumerate() {
+            let tally = if index >= from {
+                &mut self.period
+            } else {
+                &mut *tally
+            };
             match part {
                 Part::Class { samples } => {
                     tally.loss_sum += values[at];
@@ -331,4 +384,93 @@ pub fn validate<B: AutodiffBackend, M: TrainModel<B>>(
     let mut tally = Tally::default();
     pending.flush(&mut tally);
     Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// Queues a batch of `samples` with mean loss `loss` and `correct` right answers.
+    fn push(pending: &mut PendingTally<Flex>, loss: f32, correct: f32, samples: usize) {
+        let device = Default::default();
+        pending.push_class(
+            Tensor::from_floats([loss], &device),
+            Tensor::from_floats([correct], &device),
+            samples,
+        );
+    }
+
+    #[test]
+    fn a_rejected_periods_batches_leave_the_tally_and_a_kept_ones_stay() {
+        let mut pending = PendingTally::<Flex>::default();
+        let mut tally = Tally::default();
+        // No period open: every batch counts.
+        push(&mut pending, 1.0, 3.0, 4);
+        pending.flush(&mut tally);
+        assert_eq!((tally.loss_sum, tally.samples, tally.correct), (4.0, 4, 3));
+        // A period opens after batch 2; batches 3 and 4 (one read on the way) are its own.
+        push(&mut pending, 2.0, 1.0, 4);
+        pending.open_period(&mut tally);
+        push(&mut pending, 1e30, 0.0, 4);
+        pending.flush(&mut tally);
+        assert_eq!((tally.loss_sum, tally.samples), (12.0, 8));
+        push(&mut pending, 1e20, 0.0, 4);
+        // Rejected: both go, the batch before the period stays.
+        pending.discard_period();
+        pending.flush(&mut tally);
+        assert_eq!((tally.loss_sum, tally.samples, tally.correct), (12.0, 8, 4));
+        // The next period is kept: opening the one after counts it.
+        pending.open_period(&mut tally);
+        push(&mut pending, 0.5, 4.0, 4);
+        pending.flush(&mut tally);
+        assert_eq!(tally.samples, 8);
+        push(&mut pending, 0.25, 4.0, 4);
+        pending.open_period(&mut tally);
+        pending.flush(&mut tally);
+        assert_eq!(
+            (tally.loss_sum, tally.samples, tally.correct),
+            (15.0, 16, 12)
+        );
+    }
+
+    #[test]
+    fn an_epoch_end_counts_the_open_periods_batches_read_so_far() {
+        let mut pending = PendingTally::<Flex>::default();
+        let mut tally = Tally::default();
+        pending.open_period(&mut tally);
+        push(&mut pending, 1.0, 2.0, 2);
+        pending.flush(&mut tally);
+        pending.commit_period(&mut tally);
+        assert_eq!((tally.loss_sum, tally.samples, tally.correct), (2.0, 2, 2));
+        // The next epoch's batches of the same period go with it if it is rejected.
+        let mut next = Tally::default();
+        push(&mut pending, 9.0, 0.0, 2);
+        pending.flush(&mut next);
+        pending.discard_period();
+        pending.commit_period(&mut next);
+        assert_eq!(next, Tally::default());
+    }
+
+    #[test]
+    fn merged_tallies_add_every_sum_and_every_volumes_dice() {
+        let mut a = Tally {
+            loss_sum: 1.0,
+            samples: 2,
+            correct: 1,
+            dice: BTreeMap::from([("v1".to_string(), (1.0, 2.0))]),
+        };
+        a.merge(Tally {
+            loss_sum: 2.0,
+            samples: 3,
+            correct: 2,
+            dice: BTreeMap::from([
+                ("v1".to_string(), (0.5, 1.0)),
+                ("v2".to_string(), (1.0, 1.0)),
+            ]),
+        });
+        assert_eq!((a.loss_sum, a.samples, a.correct), (3.0, 5, 3));
+        assert_eq!(a.dice["v1"], (1.5, 3.0));
+        assert_eq!(a.dice["v2"], (1.0, 1.0));
+    }
 }

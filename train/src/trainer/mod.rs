@@ -296,7 +296,8 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             ));
         }
         self.lr = self.schedule.rate_at(self.state.global_step as usize);
-        if self.optim.starts_period() {
+        let starts_period = self.optim.starts_period();
+        if starts_period {
             self.state.refresh = Some(RefreshPoint {
                 epoch: self.state.epoch,
                 step_in_epoch: self.state.step_in_epoch,
@@ -315,6 +316,13 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let comm = self.setup.workers.comm.as_ref();
         let (grads, grad_bytes) = all_reduce_mean::<B, M>(grads, &self.model, comm);
         let model = self.optim.step(self.lr, self.model.clone(), grads);
+        // The training loss counts the steps whose updates stand: a rejected period's steps
+        // (this one included, whose loss was taken at the period's end) were undone.
+        match self.optim.last_period() {
+            Some(PeriodVerdict::Rejected { .. }) => self.pending.discard_period(),
+            _ if starts_period => self.pending.open_period(&mut self.state.train),
+            _ => {}
+        }
         // BatchNorm statistics: every rank keeps the mean over the ranks.
         self.model = average_buffers::<B, M>(model, comm).0;
         self.after_step(grad_bytes)?;
@@ -402,6 +410,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// `metrics.csv` and the curves, and starts the next epoch.
     pub fn end_epoch(&mut self) -> Result<(), String> {
         let setup = self.setup;
+        self.pending.commit_period(&mut self.state.train);
         let wall_s = self.wall();
         let val = self.paused(|run| run.recalibrate_and_validate(false))?;
         if setup.workers.distributed() {
@@ -492,6 +501,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         let setup = self.setup;
         if stop != Stop::Finished {
             self.state.wall_s = self.wall();
+            self.pending.commit_period(&mut self.state.train);
             if setup.workers.writes() {
                 self.checkpoint()?;
                 self.publish()?;
