@@ -60,6 +60,10 @@ pub struct Args {
     /// mnist-mlp, mnist-resnet20).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
+    /// Optimizers of the convergence benchmark, the sweep and the batch study (default: all of sgd, adam,
+    /// neumann, kfac, sngd, hylo).
+    #[arg(long, value_delimiter = ',')]
+    pub optimizers: Vec<String>,
     /// Measure the scale of each layer's curvature instead: BatchNorm ResNet-20 on real digits
     /// (datasets/data/mnist-5k at 32x32), batch 64, at initialisation and after 1 and 3 epochs
     /// of SGD; per layer the largest Fisher eigenvalue of each convolution mode against the

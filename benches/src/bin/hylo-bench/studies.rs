@@ -58,6 +58,24 @@ fn chosen_tasks(args: &Args, default: &[&str]) -> Result<Vec<Task>, String> {
     Ok(chosen)
 }
 
+/// The optimizers named in `--optimizers` (all of them when it is empty), in the benchmark's
+/// order.
+fn chosen_optimizers(args: &Args) -> Result<Vec<&'static str>, String> {
+    if let Some(bad) = args
+        .optimizers
+        .iter()
+        .find(|o| !OPTIMIZERS.contains(&o.as_str()))
+    {
+        return Err(format!(
+            "--optimizers: expected names among {OPTIMIZERS:?}, got {bad:?}"
+        ));
+    }
+    Ok(OPTIMIZERS
+        .into_iter()
+        .filter(|o| args.optimizers.is_empty() || args.optimizers.iter().any(|a| a == o))
+        .collect())
+}
+
 /// The task list of a report: each one's command line and target.
 fn write_json(args: &Args, value: &impl Serialize) -> Result<(), String> {
     let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
@@ -70,9 +88,10 @@ pub fn convergence(args: &Args) -> Result<(), String> {
     let all: Vec<String> = tasks(false).into_iter().map(|t| t.name).collect();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let tasks = chosen_tasks(args, &all)?;
+    let optimizers = chosen_optimizers(args)?;
     let mut plan = Vec::new();
     for task in &tasks {
-        for optimizer in OPTIMIZERS {
+        for &optimizer in &optimizers {
             let mut settings = vec![Setting::DEFAULTS];
             if !args.defaults_only {
                 settings.extend(grid(optimizer, task.command == "segment"));
@@ -118,9 +137,10 @@ pub fn sweep(args: &Args) -> Result<(), String> {
     use hylo_benches::sweep::{curves, markdown, plot, settings, SWEEP_TASKS};
     let device = hylo_train::device::describe(args.device.parse()?)?;
     let tasks = chosen_tasks(args, &SWEEP_TASKS)?;
+    let optimizers = chosen_optimizers(args)?;
     let mut plan = Vec::new();
     for task in &tasks {
-        for optimizer in OPTIMIZERS {
+        for &optimizer in &optimizers {
             for setting in settings(optimizer) {
                 for seed in 0..args.seeds {
                     plan.push((task, optimizer, setting.clone(), seed));
@@ -161,9 +181,10 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
     use hylo_benches::batch::{markdown, plot, points, setting, task, BATCHES};
     let device = hylo_train::device::describe(args.device.parse()?)?;
     let tasks: Vec<Task> = BATCHES.iter().map(|b| task(*b)).collect();
+    let optimizers = chosen_optimizers(args)?;
     let mut plan = Vec::new();
     for (task, batch) in tasks.iter().zip(BATCHES) {
-        for optimizer in OPTIMIZERS {
+        for &optimizer in &optimizers {
             for seed in 0..args.seeds {
                 plan.push((task, optimizer, setting(optimizer, batch), seed));
             }
@@ -294,4 +315,28 @@ pub fn kernel_probe(line: &str) -> Result<(), String> {
     // The logger writes from its own task: give it time to drain.
     std::thread::sleep(std::time::Duration::from_millis(500));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn chosen(line: &str) -> Result<Vec<&'static str>, String> {
+        chosen_optimizers(&Args::parse_from(line.split_whitespace()))
+    }
+
+    #[test]
+    fn optimizers_are_chosen_in_the_benchmarks_order_and_a_bad_name_is_refused() {
+        assert_eq!(chosen("hylo-bench --convergence").unwrap(), OPTIMIZERS);
+        assert_eq!(
+            chosen("hylo-bench --convergence --optimizers hylo,sgd").unwrap(),
+            ["sgd", "hylo"]
+        );
+        let err = chosen("hylo-bench --convergence --optimizers hylo,lbfgs").unwrap_err();
+        assert!(
+            err.contains("--optimizers") && err.contains("lbfgs"),
+            "{err}"
+        );
+    }
 }
