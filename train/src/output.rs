@@ -18,7 +18,8 @@ pub struct MetricsRow {
     pub step: u64,
     /// Seconds of training so far (across resumes).
     pub wall_s: f64,
-    /// Mean training loss of the epoch.
+    /// Mean training loss of the epoch's steps whose updates stand (a period that adaptive
+    /// damping rejected, its updates undone, is left out).
     pub train_loss: f64,
     /// Training accuracy (classification) or Dice (segmentation) of the epoch.
     #[serde(alias = "train_acc", alias = "train_dice")]
