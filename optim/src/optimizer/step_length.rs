@@ -13,9 +13,9 @@
 //!   rise_shrink` (by default the same cut). Once the loss is at its noise floor a batch's loss
 //!   rises over a period by chance in one period out of five or so, and with the factors
 //!   0.3 / 1.25 that alone drives `tau` towards its floor late in long runs; a milder
-//!   `rise_shrink` (0.5 with `grow` 1.5) keeps it near 1, but measured over the convergence
-//!   benchmark's BatchNorm ResNets and U-Net it did not train better (BENCHMARKS.md), so the
-//!   default keeps one cut;
+//!   `rise_shrink` (0.5 with `grow` 1.5) keeps it near 1, but measured on every task of the
+//!   convergence benchmark it trained some better and the U-Net and MNIST's ResNet-20 worse
+//!   (BENCHMARKS.md), so the default keeps one cut;
 //! - otherwise the loss came down as a step of this length should: `tau <- min(max, tau *
 //!   grow)`, back towards the learning rate the schedule gives.
 //!
