@@ -43,8 +43,10 @@ pub struct StepLengthConfig {
     /// Factor at the start.
     #[config(default = 1.0)]
     pub initial: f64,
-    /// Smallest factor.
-    #[config(default = 0.01)]
+    /// Smallest factor. Unnormalised inputs (0-255 pixels) need steps a thousand times shorter
+    /// than SGD's at its usual learning rate: at a floor of 0.01 K-FAC's loss climbed tenfold
+    /// within two epochs on the MNIST digits, at 0.001 it came down on every seed.
+    #[config(default = 0.001)]
     pub min: f64,
     /// Largest factor (1: never longer than the learning rate says).
     #[config(default = 1.0)]
@@ -194,9 +196,12 @@ mod tests {
     #[test]
     fn the_factor_stays_in_its_range_and_a_rejection_cuts_it() {
         let c = StepLengthConfig::new();
-        assert!(close(c.adapt(0.02, 1.0, 1.0, 2.0), 0.01));
+        assert!(close(c.adapt(0.002, 1.0, 1.0, 2.0), 0.001));
         assert!(close(c.rejected(1.0), 0.1));
-        assert!(close(c.rejected(0.05), 0.01));
+        assert!(close(c.rejected(0.005), 0.001));
+        // Three orders of magnitude below SGD's step: reached after six cuts.
+        let tau = (0..6).fold(1.0, |tau, _| c.adapt(tau, 1.0, 1.0, 2.0));
+        assert!(close(tau, 0.001), "{tau}");
         let fixed = StepLengthConfig::new().with_adaptive(false);
         assert_eq!(fixed.adapt(0.7, 1.0, 1.0, 2.0), 0.7);
         assert_eq!(fixed.rejected(0.7), 0.7);
