@@ -6,7 +6,9 @@
 //!
 //! A probe is a process that runs `steps` steps of one `hylo-train` command and exits; the
 //! kernels of step `k` (0-based) are the log lines of a run of `k + 1` steps minus those of a
-//! run of `k` (what starts and ends a run, validation included, cancels out).
+//! run of `k` (what starts and ends a run, validation included, cancels out). Each probe
+//! compiles its kernels again, which is most of its time on lavapipe: three probes per model
+//! and optimizer, the middle one shared by the plain and the refresh step.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,7 +54,10 @@ pub fn models(quick: bool) -> Vec<(&'static str, String)> {
 pub const OPTIMIZERS: [&str; 4] = ["sgd", "sngd", "hylo", "kfac"];
 
 /// Refresh period of the probes: step 0 and step `FREQ` refresh, steps 1 to `FREQ - 1` do not.
-pub const FREQ: u64 = 10;
+/// Three probes per model and optimizer, of `FREQ - 1`, `FREQ` and `FREQ + 1` steps, give the
+/// plain step `FREQ - 1` (the second after a refresh, so that nothing of the refresh's first
+/// use is counted) and the refresh step `FREQ`.
+pub const FREQ: u64 = 3;
 
 /// The `hylo-train` arguments of a probe of `steps` steps.
 pub fn probe_args(

@@ -217,7 +217,7 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
 }
 
 /// `--kernels`: kernels launched by a plain and a refreshing step of each model and optimizer
-/// on `--device` (a GPU backend), each count from two probe processes; checked against
+/// on `--device` (a GPU backend), from three probe processes each; checked against
 /// `--kernel-budget` when given (a count above it fails).
 pub fn kernels(args: &Args) -> Result<(), String> {
     use hylo_benches::kernels::{
@@ -231,7 +231,7 @@ pub fn kernels(args: &Args) -> Result<(), String> {
     std::fs::write(dir.path().join("cubecl.toml"), cubecl_toml(&log)).map_err(|e| e.to_string())?;
     let models = models(args.quick);
     let progress = bar(
-        (models.len() * OPTIMIZERS.len() * 4) as u64,
+        (models.len() * OPTIMIZERS.len() * 3) as u64,
         "kernel probes",
     );
     let mut table = KernelTable::new();
@@ -264,13 +264,12 @@ pub fn kernels(args: &Args) -> Result<(), String> {
                     .map_err(|e| format!("{}: {e} (no kernel log)", log.display()))?;
                 Ok(count_launches(&text))
             };
-            let (two, three) = (count(2)?, count(3)?);
-            let (before, at) = (count(FREQ)?, count(FREQ + 1)?);
+            let (before, plain, at) = (count(FREQ - 1)?, count(FREQ)?, count(FREQ + 1)?);
             table.entry(model.to_string()).or_default().insert(
                 optimizer.into(),
                 StepKernels {
-                    plain: three.saturating_sub(two),
-                    refresh: at.saturating_sub(before),
+                    plain: plain.saturating_sub(before),
+                    refresh: at.saturating_sub(plain),
                 },
             );
         }
