@@ -50,6 +50,10 @@ pub fn models(quick: bool) -> Vec<(&'static str, String)> {
     out
 }
 
+/// The file, in its working folder, where a probe writes each step's host<->device traffic
+/// (JSON, a list of `hylo_optim::host::Traffic`).
+pub const TRAFFIC_FILE: &str = "traffic.json";
+
 /// The optimizers probed.
 pub const OPTIMIZERS: [&str; 4] = ["sgd", "sngd", "hylo", "kfac"];
 
@@ -97,6 +101,13 @@ pub struct StepKernels {
     pub plain: u64,
     /// A step that refreshes it.
     pub refresh: u64,
+    /// Bytes a step that reuses the curvature moves between host and device (through
+    /// `hylo_optim::host`: the optimizer's reads and uploads).
+    #[serde(default)]
+    pub plain_bytes: u64,
+    /// Bytes a refreshing step moves.
+    #[serde(default)]
+    pub refresh_bytes: u64,
 }
 
 /// Counts per model and optimizer.
@@ -115,6 +126,13 @@ pub fn over_budget(measured: &KernelTable, budget: &KernelTable) -> Vec<String> 
                      budget of {} and {}",
                     k.plain, k.refresh, b.plain, b.refresh
                 )),
+                Some(b) if k.plain_bytes > b.plain_bytes || k.refresh_bytes > b.refresh_bytes => {
+                    out.push(format!(
+                        "{model} {optimizer}: {} bytes moved by a plain step, {} by a refresh \
+                         step, over the budget of {} and {}",
+                        k.plain_bytes, k.refresh_bytes, b.plain_bytes, b.refresh_bytes
+                    ))
+                }
                 Some(_) => {}
             }
         }
@@ -125,19 +143,22 @@ pub fn over_budget(measured: &KernelTable, budget: &KernelTable) -> Vec<String> 
 /// The counts as a markdown table, with each optimizer's ratio to SGD's plain step.
 pub fn markdown(table: &KernelTable) -> String {
     let mut out = String::from(
-        "| model | optimizer | kernels, plain step | vs SGD | kernels, refresh step | vs SGD |\n\
-         |---|---|---|---|---|---|\n",
+        "| model | optimizer | kernels, plain step | vs SGD | kernels, refresh step | vs SGD | \
+         bytes moved, plain step | bytes moved, refresh step |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for (model, optimizers) in table {
         let sgd = optimizers.get("sgd").map_or(0, |k| k.plain).max(1) as f64;
         for optimizer in OPTIMIZERS {
             if let Some(k) = optimizers.get(optimizer) {
                 out.push_str(&format!(
-                    "| {model} | {optimizer} | {} | {:.2}x | {} | {:.2}x |\n",
+                    "| {model} | {optimizer} | {} | {:.2}x | {} | {:.2}x | {} | {} |\n",
                     k.plain,
                     k.plain as f64 / sgd,
                     k.refresh,
-                    k.refresh as f64 / sgd
+                    k.refresh as f64 / sgd,
+                    k.plain_bytes,
+                    k.refresh_bytes
                 ));
             }
         }
@@ -159,6 +180,8 @@ mod tests {
             StepKernels {
                 plain: 120,
                 refresh: 300,
+                plain_bytes: 0,
+                refresh_bytes: 4096,
             },
         );
         measured.entry("m".into()).or_default().insert(
@@ -166,6 +189,7 @@ mod tests {
             StepKernels {
                 plain: 100,
                 refresh: 100,
+                ..StepKernels::default()
             },
         );
         let mut budget = measured.clone();
@@ -174,11 +198,22 @@ mod tests {
         let over = over_budget(&measured, &budget);
         assert_eq!(over.len(), 1);
         assert!(over[0].contains("m hylo: 120"), "{over:?}");
+        // Bytes have a budget too.
+        budget.get_mut("m").unwrap().get_mut("hylo").unwrap().plain = 120;
+        budget
+            .get_mut("m")
+            .unwrap()
+            .get_mut("hylo")
+            .unwrap()
+            .refresh_bytes = 4000;
+        let over = over_budget(&measured, &budget);
+        assert_eq!(over.len(), 1);
+        assert!(over[0].contains("4096 by a refresh step"), "{over:?}");
         budget.get_mut("m").unwrap().remove("sgd");
         assert_eq!(over_budget(&measured, &budget).len(), 2);
         let table = markdown(&measured);
         assert!(
-            table.contains("| m | hylo | 120 | 1.20x | 300 | 3.00x |"),
+            table.contains("| m | hylo | 120 | 1.20x | 300 | 3.00x | 0 | 4096 |"),
             "{table}"
         );
     }

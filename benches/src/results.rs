@@ -192,9 +192,11 @@ pub fn benchmarks_md(dir: &Path) -> Result<String, String> {
             "## Kernels per step on WGPU (`kernels.json`)\n\n`hylo-bench --kernels --quick \
              --device wgpu` on Mesa's lavapipe: the kernels a step launches, counted from \
              CubeCL's log as the difference between runs of k + 1 and k steps (batch 4, \
-             learning rate 0.01, refresh every {} steps, everything else the defaults). The \
-             counts are deterministic and are CI's budget (`.ci/wgpu-test.sh` fails when a \
-             count rises above this file's).\n\n{}\n",
+             learning rate 0.01, refresh every {} steps, everything else the defaults), and the \
+             bytes the step moves between host and device through `hylo_optim::host` (the \
+             optimizer's reads and uploads, the batch's upload not counted). The counts are \
+             deterministic and are CI's budget (`.ci/wgpu-test.sh` fails when one rises above \
+             this file's).\n\n{}\n",
             kernels::FREQ,
             kernels::markdown(&table)
         ));

@@ -125,6 +125,7 @@ pub fn row_scale<B: Backend>(capture: &LayerCapture<B>) -> Result<RowScale, Curv
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // Tests upload freely.
 mod tests {
     use super::*;
     use burn::backend::Flex;

@@ -104,7 +104,10 @@ impl<B: Backend> PerSampleRows<B> {
     pub fn select(&self, indices: &[usize]) -> Self {
         let device = self.device();
         let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [indices.len()]), &device);
+        let idx: Tensor<B, 1, Int> = crate::host::upload(
+            TensorData::new(idx, [indices.len()]).convert::<B::IntElem>(),
+            &device,
+        );
         match self {
             Self::Kronecker { a, g } => Self::Kronecker {
                 a: a.clone().select(0, idx.clone()),

@@ -6,6 +6,11 @@ use hylo_train::app::{run_training, Cli, Command};
 
 /// Reads of each step of a `classify` run with `flags`.
 fn reads(flags: &str) -> Vec<u64> {
+    run(flags).reads_per_step
+}
+
+/// A 2-epoch `classify` run (16 steps of batch 32) with `flags`.
+fn run(flags: &str) -> hylo_train::trainer::Outcome {
     let dir = tempfile::tempdir().unwrap();
     let line = format!(
         "hylo-train classify --train-samples 256 --val-samples 64 --batch-size 32 --epochs 2 \
@@ -18,7 +23,7 @@ fn reads(flags: &str) -> Vec<u64> {
     else {
         unreachable!()
     };
-    run_training("classify", cmd).unwrap().reads_per_step
+    run_training("classify", cmd).unwrap()
 }
 
 #[test]
@@ -59,4 +64,41 @@ fn a_training_run_reads_the_device_only_at_refreshes() {
     assert!(reads("--optim sgd").iter().all(|&r| r == 0));
     let fixed = reads("--optim sngd --damping 0.3");
     assert_eq!(fixed[4], 1 + layers as u64);
+}
+
+#[test]
+fn steps_between_refreshes_move_no_bytes_and_a_refresh_moves_its_matrices() {
+    // Uploads are counted too: a plain step neither reads nor uploads. SNGD's refresh reads each
+    // layer's n x n kernel (n = 32, f32) and uploads its factorisation of the same size.
+    let layers = 3u64;
+    let kernel = 32 * 32 * 4;
+    for flags in ["--optim sngd --damping 0.3", "--optim hylo", "--optim kfac"] {
+        let outcome = run(flags);
+        assert_eq!(outcome.traffic_per_step.len(), 16, "{flags}");
+        for (step, t) in outcome.traffic_per_step.iter().enumerate() {
+            assert_eq!(
+                t.reads, outcome.reads_per_step[step],
+                "{flags}: step {step}"
+            );
+            if step % 4 != 0 {
+                assert_eq!(t.bytes(), 0, "{flags}: step {step} moved {t:?}");
+            }
+        }
+        assert!(outcome.traffic_per_step[0].upload_bytes > 0, "{flags}");
+    }
+    // With a fixed damping: the NaN flag (4 bytes) and the three kernels read, the three
+    // factorisations uploaded.
+    let sngd = run("--optim sngd --damping 0.3").traffic_per_step;
+    for step in [0, 4, 8, 12] {
+        assert_eq!(
+            sngd[step],
+            hylo_optim::host::Traffic {
+                reads: 1 + layers,
+                read_bytes: 4 + layers * kernel,
+                uploads: layers,
+                upload_bytes: layers * kernel,
+            },
+            "step {step}"
+        );
+    }
 }

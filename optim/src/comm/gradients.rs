@@ -3,7 +3,7 @@
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use super::Communicator;
 use crate::host;
@@ -63,10 +63,7 @@ pub fn all_reduce_mean<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 fn upload<I: Backend>(values: Vec<f32>, device: &I::Device) -> Tensor<I, 1> {
     let len = values.len();
-    Tensor::from_data(
-        TensorData::new(values, [len]).convert::<I::FloatElem>(),
-        device,
-    )
+    crate::host::upload_floats(values, [len], device)
 }
 
 type Register<I> = Box<dyn Fn(&mut GradientsParams, Tensor<I, 1>)>;

@@ -30,10 +30,7 @@ pub fn to_device_f32<B: Backend>(matrix: MatRef<'_, f32>, device: &B::Device) ->
     let values: Vec<f32> = (0..rows)
         .flat_map(|i| (0..cols).map(move |j| matrix[(i, j)]))
         .collect();
-    Tensor::from_data(
-        TensorData::new(values, [rows, cols]).convert::<B::FloatElem>(),
-        device,
-    )
+    crate::host::upload_floats(values, [rows, cols], device)
 }
 
 /// Copies a host matrix onto the device as a 2-D tensor of the backend's float type.
@@ -45,7 +42,7 @@ pub fn to_device<B: Backend>(matrix: MatRef<'_, f64>, device: &B::Device) -> Ten
             values.push(matrix[(i, j)]);
         }
     }
-    Tensor::from_data(
+    crate::host::upload(
         TensorData::new(values, [rows, cols]).convert::<B::FloatElem>(),
         device,
     )
@@ -53,7 +50,7 @@ pub fn to_device<B: Backend>(matrix: MatRef<'_, f64>, device: &B::Device) -> Ten
 
 /// Copies a host vector onto the device as a 1-D tensor.
 pub fn vec_to_device<B: Backend>(values: &[f64], device: &B::Device) -> Tensor<B, 1> {
-    Tensor::from_data(
+    crate::host::upload(
         TensorData::new(values.to_vec(), [values.len()]).convert::<B::FloatElem>(),
         device,
     )

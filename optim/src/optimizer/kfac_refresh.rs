@@ -5,7 +5,7 @@
 //! leave the device only to be decomposed.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use super::refresh::Failures;
 use super::{Curvature, NaturalGradient};
@@ -16,10 +16,7 @@ use crate::host;
 use crate::precond::{KfacMethod, KfacState};
 
 fn from_vec<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(
-        TensorData::new(values.to_vec(), shape).convert::<B::FloatElem>(),
-        device,
-    )
+    host::upload_floats(values.to_vec(), shape, device)
 }
 
 impl<B: AutodiffBackend> NaturalGradient<B> {

@@ -9,7 +9,7 @@
 //! device: only the kernel goes to the host.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use faer::Mat;
 
 use super::refresh::{Compression, Failures};
@@ -56,10 +56,7 @@ fn from_vec<B: Backend>(
     cols: usize,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    Tensor::from_data(
-        TensorData::new(values, [rows, cols]).convert::<B::FloatElem>(),
-        device,
-    )
+    crate::host::upload_floats(values, [rows, cols], device)
 }
 
 /// Appends a layer's local rows (padded with zero rows to `r`) and, for KID, its `S_mat_p`

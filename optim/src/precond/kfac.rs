@@ -110,10 +110,7 @@ impl<B: Backend> KfacState<B> {
     ) {
         let device = self.a_factor.device();
         let t = |v: &[f32], shape: [usize; 2]| {
-            Tensor::<B, 2>::from_data(
-                burn::tensor::TensorData::new(v.to_vec(), shape).convert::<B::FloatElem>(),
-                &device,
-            )
+            crate::host::upload_floats::<B, 2>(v.to_vec(), shape, &device)
         };
         match method {
             KfacMethod::Eigen => {

@@ -44,6 +44,10 @@ pub struct Outcome {
     /// invocation (forward, backward, all-reduce, update; the log points' reads are not a
     /// step's).
     pub reads_per_step: Vec<u64>,
+    /// Host<->device traffic through `hylo_optim::host` of each optimizer step, as
+    /// `reads_per_step` (reads and uploads with their bytes; the batches' uploads are not
+    /// counted).
+    pub traffic_per_step: Vec<hylo_optim::host::Traffic>,
     /// The `--val-every` validations of this invocation.
     pub checks: Vec<ValCheck>,
 }
@@ -115,6 +119,7 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     rows: Vec<MetricsRow>,
     /// Device reads of each step of this invocation.
     reads_per_step: Vec<u64>,
+    traffic_per_step: Vec<hylo_optim::host::Traffic>,
     /// Validation loss and score of the last epoch ended in this invocation.
     last_val: Option<(f64, f64)>,
     /// `--val-every` validations of this invocation.
@@ -203,6 +208,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             checks: Vec::new(),
             rows: Vec::new(),
             reads_per_step: Vec::new(),
+            traffic_per_step: Vec::new(),
             last_val: None,
         };
         run.restore_period_batch()?;
@@ -286,7 +292,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
     /// One optimizer step on `batch`: forward, backward (through the capture handle, which
     /// also keeps adaptive damping's period batch), all-reduce, update, BatchNorm averaging.
     pub fn step(&mut self, batch: Batch<B>) -> Result<(), String> {
-        let reads = hylo_optim::host::reads();
+        let traffic = hylo_optim::host::traffic();
         if self.state.global_step == 2 {
             output::fault_point("panic-at-step-2");
         }
@@ -326,7 +332,9 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         // BatchNorm statistics: every rank keeps the mean over the ranks.
         self.model = average_buffers::<B, M>(model, comm).0;
         self.after_step(grad_bytes)?;
-        self.reads_per_step.push(hylo_optim::host::reads() - reads);
+        let moved = hylo_optim::host::traffic() - traffic;
+        self.reads_per_step.push(moved.reads);
+        self.traffic_per_step.push(moved);
         self.state.global_step += 1;
         self.state.step_in_epoch += 1;
         if self.state.global_step == self.first_step + 1 {
@@ -532,6 +540,7 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             final_val,
             summary: None,
             reads_per_step: self.reads_per_step,
+            traffic_per_step: self.traffic_per_step,
             checks: self.checks,
         })
     }

@@ -216,18 +216,21 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
     )
 }
 
-/// `--kernels`: kernels launched by a plain and a refreshing step of each model and optimizer
-/// on `--device` (a GPU backend), from three probe processes each; checked against
+/// `--kernels`: kernels launched and bytes moved between host and device by a plain and a
+/// refreshing step of each model and optimizer on `--device` (a GPU backend), from three probe
+/// processes each; checked against
 /// `--kernel-budget` when given (a count above it fails).
 pub fn kernels(args: &Args) -> Result<(), String> {
     use hylo_benches::kernels::{
         count_launches, cubecl_toml, markdown, models, over_budget, probe_args, KernelTable,
-        StepKernels, FREQ, OPTIMIZERS,
+        StepKernels, FREQ, OPTIMIZERS, TRAFFIC_FILE,
     };
+    use hylo_optim::host::Traffic;
     let device = hylo_train::device::describe(args.device.parse()?)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let log = dir.path().join("kernels.log");
+    let traffic = dir.path().join(TRAFFIC_FILE);
     std::fs::write(dir.path().join("cubecl.toml"), cubecl_toml(&log)).map_err(|e| e.to_string())?;
     let models = models(args.quick);
     let progress = bar(
@@ -238,8 +241,9 @@ pub fn kernels(args: &Args) -> Result<(), String> {
     for (model, line) in &models {
         for optimizer in OPTIMIZERS {
             progress.set_message(format!("{model} {optimizer}"));
-            let count = |steps: u64| -> Result<u64, String> {
+            let count = |steps: u64| -> Result<(u64, Vec<Traffic>), String> {
                 let _ = std::fs::remove_file(&log);
+                let _ = std::fs::remove_file(&traffic);
                 let out = dir.path().join(format!("run-{model}-{optimizer}-{steps}"));
                 let status = std::process::Command::new(&exe)
                     .current_dir(dir.path())
@@ -262,14 +266,23 @@ pub fn kernels(args: &Args) -> Result<(), String> {
                 }
                 let text = std::fs::read_to_string(&log)
                     .map_err(|e| format!("{}: {e} (no kernel log)", log.display()))?;
-                Ok(count_launches(&text))
+                let moved = std::fs::read_to_string(&traffic)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("{}: {e} (no traffic)", traffic.display()))?;
+                Ok((count_launches(&text), moved))
             };
-            let (before, plain, at) = (count(FREQ - 1)?, count(FREQ)?, count(FREQ + 1)?);
+            let (before, _) = count(FREQ - 1)?;
+            let (plain, _) = count(FREQ)?;
+            let (at, moved) = count(FREQ + 1)?;
+            let bytes = |step: u64| moved.get(step as usize).map_or(0, Traffic::bytes);
             table.entry(model.to_string()).or_default().insert(
                 optimizer.into(),
                 StepKernels {
                     plain: plain.saturating_sub(before),
                     refresh: at.saturating_sub(plain),
+                    plain_bytes: bytes(FREQ - 1),
+                    refresh_bytes: bytes(FREQ),
                 },
             );
         }
@@ -278,7 +291,8 @@ pub fn kernels(args: &Args) -> Result<(), String> {
     print!(
         "# Kernels per step on {device}\n\nCubeCL's log of every kernel launched, a step counted \
          as the difference between runs of k + 1 and k steps (refresh every {FREQ} steps, batch \
-         4).\n\n{}",
+         4); bytes moved between host and device through `hylo_optim::host` (the optimizer's \
+         reads and uploads; the batches' uploads are not counted).\n\n{}",
         markdown(&table)
     );
     write_json(args, &table)?;
@@ -310,7 +324,10 @@ pub fn kernel_probe(line: &str) -> Result<(), String> {
         Some(Command::Segment(c)) => ("segment", c),
         _ => return Err(format!("not a training command: {line}")),
     };
-    run_training(command, cmd)?;
+    let outcome = run_training(command, cmd)?;
+    // Each step's host<->device traffic, for the parent (in its working folder, ours).
+    let json = serde_json::to_string(&outcome.traffic_per_step).map_err(|e| e.to_string())?;
+    std::fs::write(hylo_benches::kernels::TRAFFIC_FILE, json).map_err(|e| e.to_string())?;
     // The logger writes from its own task: give it time to drain.
     std::thread::sleep(std::time::Duration::from_millis(500));
     Ok(())
