@@ -10,6 +10,7 @@ pub mod comm;
 pub mod conv;
 pub mod convergence;
 pub mod curvature_scale;
+pub mod journal;
 pub mod kernels;
 pub mod layers;
 pub mod peer;

@@ -49,6 +49,12 @@ pub struct Args {
     /// a small (lr, damping) grid, over --seeds seeds (--quick: smaller sets, fewer epochs).
     #[arg(long)]
     pub convergence: bool,
+    /// Convergence benchmark, sweep and batch study: reuse the runs that an interrupted sitting
+    /// with the same --json finished (its journal, `<json>.runs.jsonl`, which every sitting
+    /// writes run by run) instead of running them again. Only for the same build and settings:
+    /// the journal does not know which code measured it.
+    #[arg(long)]
+    pub resume: bool,
     /// Seeds of the convergence benchmark.
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,

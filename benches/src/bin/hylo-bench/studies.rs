@@ -7,6 +7,7 @@ use hylo_benches::convergence::{
     grid, markdown, run, summarize, tasks, RunResult, Setting, Task, OPTIMIZERS,
 };
 
+use hylo_benches::journal::Journal;
 use hylo_benches::results::task_lines;
 
 use crate::{bar, Args};
@@ -15,11 +16,21 @@ use crate::{bar, Args};
 /// progress bar.
 fn run_plan(
     plan: Vec<(&Task, &str, Setting, u64)>,
-    device: &str,
+    args: &Args,
     what: &str,
 ) -> Result<Vec<RunResult>, String> {
     let progress = bar(plan.len() as u64, what);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // Every finished run goes into the journal at once: an interrupted sitting keeps it, and
+    // `--resume` takes it from there instead of running it again.
+    let mut journal = Journal::open(Journal::path_for(&args.json), args.resume)?;
+    if !journal.is_empty() {
+        eprintln!(
+            "--resume: {} finished runs in {}",
+            journal.len(),
+            Journal::path_for(&args.json).display()
+        );
+    }
     let mut results = Vec::new();
     for (i, (task, optimizer, setting, seed)) in plan.into_iter().enumerate() {
         progress.set_message(format!(
@@ -27,9 +38,15 @@ fn run_plan(
             task.name,
             setting.label()
         ));
-        let out = dir.path().join(i.to_string());
-        results.push(run(task, optimizer, &setting, seed, device, &out)?);
-        let _ = std::fs::remove_dir_all(&out);
+        if let Some(done) = journal.find(&task.name, optimizer, &setting, seed) {
+            results.push(done.clone());
+        } else {
+            let out = dir.path().join(i.to_string());
+            let result = run(task, optimizer, &setting, seed, &args.device, &out)?;
+            journal.record(&result)?;
+            results.push(result);
+            let _ = std::fs::remove_dir_all(&out);
+        }
         progress.inc(1);
     }
     progress.finish_and_clear();
@@ -103,7 +120,7 @@ pub fn convergence(args: &Args) -> Result<(), String> {
             }
         }
     }
-    let results = run_plan(plan, &args.device, "convergence runs")?;
+    let results = run_plan(plan, args, "convergence runs")?;
     let summaries = summarize(&results);
     let total: f64 = results.iter().map(|r| r.wall_s).sum();
     print!(
@@ -148,7 +165,7 @@ pub fn sweep(args: &Args) -> Result<(), String> {
             }
         }
     }
-    let results = run_plan(plan, &args.device, "sweep runs")?;
+    let results = run_plan(plan, args, "sweep runs")?;
     let curves = curves(&results);
     let png = args.json.with_extension("png");
     plot(&curves, &tasks, &png)?;
@@ -190,7 +207,7 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
             }
         }
     }
-    let results = run_plan(plan, &args.device, "batch-size runs")?;
+    let results = run_plan(plan, args, "batch-size runs")?;
     let points = points(&results);
     let png = args.json.with_extension("png");
     plot(&points, &png)?;
