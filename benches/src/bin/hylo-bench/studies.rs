@@ -235,8 +235,7 @@ pub fn batch_study(args: &Args) -> Result<(), String> {
 
 /// `--kernels`: kernels launched and bytes moved between host and device by a plain and a
 /// refreshing step of each model and optimizer on `--device` (a GPU backend), from three probe
-/// processes each; checked against
-/// `--kernel-budget` when given (a count above it fails).
+/// processes each; checked against `--kernel-budget` when given (a count above it fails).
 pub fn kernels(args: &Args) -> Result<(), String> {
     use hylo_benches::kernels::{
         count_launches, cubecl_toml, markdown, models, over_budget, probe_args, KernelTable,
@@ -292,14 +291,22 @@ pub fn kernels(args: &Args) -> Result<(), String> {
             let (before, _) = count(FREQ - 1)?;
             let (plain, _) = count(FREQ)?;
             let (at, moved) = count(FREQ + 1)?;
-            let bytes = |step: u64| moved.get(step as usize).map_or(0, Traffic::bytes);
+            let bytes = |step: u64| {
+                moved.get(step as usize).map(Traffic::bytes).ok_or_else(|| {
+                    format!(
+                        "the probe of {model} {optimizer} reported {} steps' traffic, expected {}",
+                        moved.len(),
+                        FREQ + 1
+                    )
+                })
+            };
             table.entry(model.to_string()).or_default().insert(
                 optimizer.into(),
                 StepKernels {
                     plain: plain.saturating_sub(before),
                     refresh: at.saturating_sub(plain),
-                    plain_bytes: bytes(FREQ - 1),
-                    refresh_bytes: bytes(FREQ),
+                    plain_bytes: bytes(FREQ - 1)?,
+                    refresh_bytes: bytes(FREQ)?,
                 },
             );
         }
