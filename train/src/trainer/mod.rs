@@ -40,13 +40,9 @@ pub struct Outcome {
     pub final_val: (f64, f64),
     /// How it ended, in one line (set by the caller on the rank that writes).
     pub summary: Option<String>,
-    /// Blocking device-to-host reads (`hylo_optim::host`) of each optimizer step of this
+    /// Host<->device traffic through `hylo_optim::host` of each optimizer step of this
     /// invocation (forward, backward, all-reduce, update; the log points' reads are not a
-    /// step's).
-    pub reads_per_step: Vec<u64>,
-    /// Host<->device traffic through `hylo_optim::host` of each optimizer step, as
-    /// `reads_per_step` (reads and uploads with their bytes; the batches' uploads are not
-    /// counted).
+    /// step's): reads and uploads with their bytes (the batches' uploads are not counted).
     pub traffic_per_step: Vec<hylo_optim::host::Traffic>,
     /// The `--val-every` validations of this invocation.
     pub checks: Vec<ValCheck>,
@@ -118,7 +114,6 @@ pub struct Run<'a, B: AutodiffBackend, M: TrainModel<B>> {
     /// Rows of this invocation.
     rows: Vec<MetricsRow>,
     /// Device reads of each step of this invocation.
-    reads_per_step: Vec<u64>,
     traffic_per_step: Vec<hylo_optim::host::Traffic>,
     /// Validation loss and score of the last epoch ended in this invocation.
     last_val: Option<(f64, f64)>,
@@ -207,7 +202,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             paused: 0.0,
             checks: Vec::new(),
             rows: Vec::new(),
-            reads_per_step: Vec::new(),
             traffic_per_step: Vec::new(),
             last_val: None,
         };
@@ -333,7 +327,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
         self.model = average_buffers::<B, M>(model, comm).0;
         self.after_step(grad_bytes)?;
         let moved = hylo_optim::host::traffic() - traffic;
-        self.reads_per_step.push(moved.reads);
         self.traffic_per_step.push(moved);
         self.state.global_step += 1;
         self.state.step_in_epoch += 1;
@@ -539,7 +532,6 @@ impl<'a, B: AutodiffBackend, M: TrainModel<B>> Run<'a, B, M> {
             rows: self.rows,
             final_val,
             summary: None,
-            reads_per_step: self.reads_per_step,
             traffic_per_step: self.traffic_per_step,
             checks: self.checks,
         })
