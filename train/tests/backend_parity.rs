@@ -1,7 +1,7 @@
-//! The GPU backends train as the CPU does. Built with a GPU backend feature:
-//! `cargo test -p hylo-train --features wgpu --test backend_parity` (WGPU: a real GPU, or Mesa's
-//! lavapipe on the CPU) or `--features cuda`. Without a usable device the tests say so and pass,
-//! unless `CI` is set: then they fail, so CI cannot silently skip them.
+//! The GPU backends train as the CPU does: `cargo test -p hylo-train --test backend_parity` on
+//! WGPU (a default feature: a real GPU, or Mesa's lavapipe on the CPU), and on CUDA as well with
+//! `--features cuda`. Without a usable device the tests say so and pass, unless `CI` is set: then
+//! they fail, so CI cannot silently skip them.
 //!
 //! One model (convolutions with BatchNorm, a stride that does not divide the height, padding, a
 //! Linear head and a convolution that is not preconditioned) is loaded from one record into
@@ -31,9 +31,10 @@ mod wgpu {
     use super::*;
     type G = Autodiff<burn::backend::Wgpu>;
 
-    /// The WGPU device, or `None` (a skip) when there is none and `CI` is not set.
+    /// The WGPU device, or `None` (a skip) when there is none (or this build's autotune refuses
+    /// it) and `CI` is not set.
     fn device() -> Option<burn::backend::wgpu::WgpuDevice> {
-        match hylo_train::device::wgpu_adapter() {
+        match hylo_train::device::wgpu_checked() {
             Ok(adapter) => {
                 eprintln!("WGPU adapter: {adapter}");
                 Some(Default::default())

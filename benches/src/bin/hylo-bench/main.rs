@@ -45,6 +45,11 @@ pub struct Args {
     /// d_out); the report lists the layers left out and its totals cover the rest.
     #[arg(long)]
     pub max_factor_dim: Option<usize>,
+    /// Report the ResNet-50 layers, communication and memory only: no ResNet-32 step timings, no
+    /// data-loading comparison, no time-to-accuracy run (CI's lavapipe check, whose kernel probes
+    /// and demo run those steps).
+    #[arg(long)]
+    pub layers_only: bool,
     /// Run the convergence benchmark instead: every task with every optimizer, its defaults and
     /// a small (lr, damping) grid, over --seeds seeds (--quick: smaller sets, fewer epochs).
     #[arg(long)]
@@ -369,6 +374,33 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     }
 
     // 3: ResNet-32 steps.
+    if !args.layers_only {
+        resnet32_step_report::<B>(&mut md, &mut report, step_batch, freq, device);
+    }
+    communication_and_memory(&mut md, &mut report, &cases, rho);
+    if !args.layers_only {
+        time_to_accuracy(&mut md, &mut report, args);
+    }
+    print!("{md}");
+    match serde_json::to_string_pretty(&report) {
+        Ok(json) => {
+            if let Err(e) = std::fs::write(&args.json, json) {
+                eprintln!("error: {}: {e}", args.json.display());
+                std::process::exit(2);
+            }
+        }
+        Err(e) => eprintln!("error: {e}"),
+    }
+}
+
+/// The report's ResNet-32 step timings and the data loading against an SGD step.
+fn resnet32_step_report<B: burn::tensor::backend::AutodiffBackend>(
+    md: &mut String,
+    report: &mut Report,
+    step_batch: usize,
+    freq: usize,
+    device: &B::Device,
+) {
     let progress = bar(5 + 3 * (freq as u64 + 1), "ResNet-32 steps");
     let steps = resnet32_steps::<B>(step_batch, freq, device, &progress);
     progress.finish_and_clear();
@@ -395,7 +427,14 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     }
     writeln!(md, "\nHost reads are the optimizer step's blocking device-to-host reads (`hylo_optim::host`): none between refreshes; a refresh reads the NaN flag, the gradient norm (HyLo), and the small matrices it factorises.").unwrap();
     report.steps = steps;
+    // Data loading against the step time.
+    let load = cifar_loading(step_batch);
+    writeln!(md, "\n## CIFAR data loading\n\nA batch of {} (read, random crop + flip, normalise, stack): {} ms ({:.0} samples/s), against {} ms for an SGD step of ResNet-32 at the same batch: loading is {:.1}% of a step and runs on the loader thread meanwhile.\n", load.batch, ms(load.seconds_per_batch), load.samples_per_second, ms(sgd), 100.0 * load.seconds_per_batch / sgd).unwrap();
+    report.loading = Some(load);
+}
 
+/// The report's communication volumes and optimizer state sizes (computed from the shapes).
+fn communication_and_memory(md: &mut String, report: &mut Report, cases: &[LayerCase], rho: f64) {
     // 4: communication.
     let local = 32;
     writeln!(
@@ -412,7 +451,7 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     )
     .unwrap();
     for p in [1, 8, 16, 32, 64] {
-        let v = comm_volume(&cases, p, local, rho);
+        let v = comm_volume(cases, p, local, rho);
         writeln!(
             md,
             "| {p} | {:.1} | {:.1} | {:.1}x |",
@@ -447,7 +486,7 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         ),
         (
             "ResNet-50",
-            cases.clone(),
+            cases.to_vec(),
             trainable_params::<burn::backend::Flex, _>(&r50),
             32,
         ),
@@ -464,12 +503,10 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
         .unwrap();
         report.memory.push((name.into(), m));
     }
+}
 
-    // Data loading against the step time.
-    let load = cifar_loading(step_batch);
-    writeln!(md, "\n## CIFAR data loading\n\nA batch of {} (read, random crop + flip, normalise, stack): {} ms ({:.0} samples/s), against {} ms for an SGD step of ResNet-32 at the same batch: loading is {:.1}% of a step and runs on the loader thread meanwhile.\n", load.batch, ms(load.seconds_per_batch), load.samples_per_second, ms(sgd), 100.0 * load.seconds_per_batch / sgd).unwrap();
-    report.loading = Some(load);
-
+/// The report's time-to-accuracy run: the demo on the report's device.
+fn time_to_accuracy(md: &mut String, report: &mut Report, args: &Args) {
     // 6: time to accuracy.
     let budget = args.budget.unwrap_or(if args.quick { 5.0 } else { 30.0 });
     let dir = tempfile::tempdir().expect("temp dir");
@@ -499,16 +536,6 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
                 .collect();
         }
         Err(e) => writeln!(md, "time-to-accuracy run failed: {e}").unwrap(),
-    }
-    print!("{md}");
-    match serde_json::to_string_pretty(&report) {
-        Ok(json) => {
-            if let Err(e) = std::fs::write(&args.json, json) {
-                eprintln!("error: {}: {e}", args.json.display());
-                std::process::exit(2);
-            }
-        }
-        Err(e) => eprintln!("error: {e}"),
     }
 }
 
