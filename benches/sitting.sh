@@ -23,8 +23,9 @@ else
   $B --peer-steps --json "$R/peer.json" > /dev/null
 fi
 $B --json "$R/report.json" > "$R/report.md"
-# Kernels per step on WGPU (lavapipe without a GPU; deterministic, CI's budget), as CI builds it.
-cargo build -p hylo-benches --features wgpu
+# Kernels per step on WGPU (lavapipe without a GPU; deterministic, CI's budget), in the default
+# dev build, as CI builds it.
+cargo build -p hylo-benches
 target/debug/hylo-bench --kernels --quick --device wgpu --json "$R/kernels.json"
 target/debug/hylo-bench --steps-only --device wgpu --step-batch 4 --json "$R/wgpu_steps.json" > /dev/null
 # The README's defaults table, between its markers, and BENCHMARKS.md.
