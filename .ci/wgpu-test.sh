@@ -66,6 +66,11 @@ timeout 1800 target/debug/hylo-bench --quick --device wgpu --layers-only --max-f
 grep -q "not timed (\`--max-factor-dim\`)" "$OUT/bench.md"
 grep -q "CPU-emulated" "$OUT/bench.md"
 grep -q "Communication per refresh" "$OUT/bench.md"
+grep -q "layers only" "$OUT/bench.md"
+if grep -q "ResNet-32 training step\|Time to accuracy" "$OUT/bench.md"; then
+    echo "--layers-only timed steps or ran the demo" >&2
+    exit 1
+fi
 stage kernels
 # Kernels launched per step (deterministic) and the bytes a step moves between host and device:
 # none above the committed counts, and no byte in a step between refreshes (the budget's

@@ -251,7 +251,12 @@ fn report<B: burn::tensor::backend::AutodiffBackend>(args: &Args, device: &B::De
     let mut report = Report {
         quick: args.quick,
         settings: format!(
-            "ResNet-50 layer shapes at {image}x{image} input, batches {batches:?}; ResNet-32 steps at batch {step_batch}, freq {freq}; rho {rho}; SpatialMean convolutions; f32 on {device_name}"
+            "ResNet-50 layer shapes at {image}x{image} input, batches {batches:?}; {}; rho {rho}; SpatialMean convolutions; f32 on {device_name}",
+            if args.layers_only {
+                "layers only (`--layers-only`: no ResNet-32 steps, no time-to-accuracy run)".to_string()
+            } else {
+                format!("ResNet-32 steps at batch {step_batch}, freq {freq}")
+            }
         ),
         ..Default::default()
     };
