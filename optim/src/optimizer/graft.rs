@@ -32,15 +32,29 @@ impl Graft {
         direction: Tensor<B, 2>,
         gradient: &Tensor<B, 2>,
     ) -> Tensor<B, 2> {
+        let squared = |t: Tensor<B, 2>| {
+            let n = t.shape().num_elements();
+            t.powi_scalar(2).reshape([1, n]).sum_dim(1)
+        };
+        match self.scale(squared(gradient.clone()), squared(direction.clone())) {
+            Some(scale) => direction * scale,
+            None => direction,
+        }
+    }
+
+    /// The factor on a direction whose squared norm is `direction_sq`, for a layer whose
+    /// gradient's squared norm is `gradient_sq` (any shape, elementwise: one factor per layer);
+    /// `None` when the direction keeps its length.
+    pub fn scale<B: Backend, const D: usize>(
+        self,
+        gradient_sq: Tensor<B, D>,
+        direction_sq: Tensor<B, D>,
+    ) -> Option<Tensor<B, D>> {
         match self {
-            Self::None => direction,
-            Self::Sgd => {
-                // One reduction per norm; `+ 1e-30` (not a clamp, which launches two more
-                // kernels on WGPU) keeps a zero direction zero.
-                let norm = |t: Tensor<B, 2>| super::ordered_sum(t.powi_scalar(2)).sqrt();
-                let scale = norm(gradient.clone()) / (norm(direction.clone()) + 1e-30);
-                direction * scale.reshape([1, 1])
-            }
+            Self::None => None,
+            // `+ 1e-30` (not a clamp, which launches two more kernels on WGPU) keeps a zero
+            // direction zero.
+            Self::Sgd => Some(gradient_sq.sqrt() / (direction_sq.sqrt() + 1e-30)),
         }
     }
 }

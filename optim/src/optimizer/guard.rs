@@ -37,9 +37,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradientProbes<'_, B> {
     }
 }
 
-/// A gradient's probe (`[1]`): 0 when it is finite, NaN when it holds NaN or Inf.
+/// A gradient's probe (`[1]`): 0 when it is finite, NaN when it holds NaN or Inf. A row sum
+/// (`sum_dim` of the product seen as one row) is two kernels on the GPU backends, a whole-tensor
+/// `sum` three.
 pub fn probe<B: Backend, const D: usize>(gradient: Tensor<B, D>) -> Tensor<B, 1> {
-    (gradient * 0.0).sum()
+    let n = gradient.shape().num_elements();
+    (gradient * 0.0).reshape([1, n]).sum_dim(1).reshape([1])
 }
 
 /// True (on the device) when every probe is finite: their sum, added one by one (elementwise

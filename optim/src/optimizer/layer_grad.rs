@@ -21,14 +21,7 @@ pub struct LayerMeta {
 impl LayerMeta {
     /// The layer's gradient as `[d_out, d_in']`, or `None` if a gradient is missing.
     pub fn gradient<B: Backend>(&self, grads: &GradientsParams) -> Option<Tensor<B, 2>> {
-        let weight = match &self.geometry {
-            LayerGeometry::Linear { .. } => grads.get::<B, 2>(self.weight_id)?.transpose(),
-            LayerGeometry::Conv2d { channels_out, .. } => {
-                let w = grads.get::<B, 4>(self.weight_id)?;
-                let per_out = w.shape().num_elements() / channels_out;
-                w.reshape([*channels_out, per_out])
-            }
-        };
+        let weight = self.weight_matrix(grads)?;
         match self.bias_id {
             None => Some(weight),
             Some(id) => {
@@ -37,6 +30,18 @@ impl LayerMeta {
                 Some(Tensor::cat(vec![weight, bias.reshape([d_out, 1])], 1))
             }
         }
+    }
+
+    /// The weight's gradient as `[d_out, d_in]` (no bias column), or `None` if it is missing.
+    pub fn weight_matrix<B: Backend>(&self, grads: &GradientsParams) -> Option<Tensor<B, 2>> {
+        Some(match &self.geometry {
+            LayerGeometry::Linear { .. } => grads.get::<B, 2>(self.weight_id)?.transpose(),
+            LayerGeometry::Conv2d { channels_out, .. } => {
+                let w = grads.get::<B, 4>(self.weight_id)?;
+                let per_out = w.shape().num_elements() / channels_out;
+                w.reshape([*channels_out, per_out])
+            }
+        })
     }
 
     /// Writes a direction `[d_out, d_in']` back as the layer's weight and bias gradients.

@@ -29,6 +29,7 @@
 //! factorisation) keeps its last good curvature, or uses the damped identity `g / lambda` when it
 //! has none yet; a direction that comes out non-finite is replaced by `g / lambda` for that step.
 
+mod blocks;
 mod config;
 mod damping;
 mod graft;
@@ -102,6 +103,8 @@ pub struct NaturalGradient<B: AutodiffBackend> {
     /// Weight ids of the preconditioned layers in the model's parameter order: sums over the
     /// layers run in this order, the same in every run and on every rank (ids are random).
     order: Vec<u64>,
+    /// The layers grouped for a step (built for `order`; `None` once the curvature changed).
+    blocks: Option<blocks::Blocks<B::InnerBackend>>,
     momentum: BTreeMap<u64, Tensor<B::InnerBackend, 1>>,
     /// Floats without a gradient (BatchNorm statistics) after the last step, to undo a skipped
     /// step's forward-pass updates.
@@ -169,6 +172,7 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             mode: None,
             layers: BTreeMap::new(),
             order: Vec::new(),
+            blocks: None,
             momentum: BTreeMap::new(),
             stateful: BTreeMap::new(),
             report: PendingReport::known(StepReport::default()),
@@ -437,6 +441,9 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
             .map(|id| id.val())
             .filter(|id| self.layers.contains_key(id))
             .collect();
+        if self.blocks.as_ref().is_none_or(|b| b.order != self.order) {
+            self.blocks = Some(blocks::Blocks::build(&self.order, &mut self.layers));
+        }
         // Burn's RunningState (BatchNorm statistics) keeps the forward pass's update pending until
         // it is synchronised: a record synchronises it, so the visitors and the mapper below see
         // the updated value.
@@ -501,38 +508,90 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         );
     }
 
-    /// Replaces every preconditioned layer's gradient by its direction, on the device.
+    /// One layer's gradient and direction, as a block of one (`None` without its gradient).
+    fn precondition_layer<'a>(
+        &self,
+        layer: &'a LayerState<B::InnerBackend>,
+        grads: &GradientsParams,
+    ) -> Option<Part<'a, B::InnerBackend>> {
+        let ghat = layer.meta.gradient::<B::InnerBackend>(grads)?;
+        let v = match &layer.curvature {
+            Curvature::LowRank(state) => state.apply(ghat.clone()),
+            Curvature::Kfac(state) => state.apply(ghat.clone(), self.damping),
+        };
+        Some((vec![&layer.meta], ghat.unsqueeze_dim(0), v.unsqueeze_dim(0)))
+    }
+
+    /// Replaces every preconditioned layer's gradient by its direction, on the device: the
+    /// layers of a block together (see [`blocks`]).
     fn precondition(
         &self,
         lr: LearningRate,
         grads: &mut GradientsParams,
     ) -> Preconditioned<B::InnerBackend> {
-        let mut directions = Vec::new();
-        for layer in self.ordered_layers() {
-            let Some(ghat) = layer.meta.gradient::<B::InnerBackend>(grads) else {
-                continue;
-            };
-            let v = match &layer.curvature {
-                Curvature::LowRank(state) => state.apply(ghat.clone()),
-                Curvature::Kfac(state) => state.apply(ghat.clone(), self.damping),
-            };
-            let vg = ordered_sum(v.clone() * ghat.clone());
-            let identity = ghat.clone() / self.damping;
-            let v = guard::choose(&guard::finite(vg.clone()), v, identity);
-            let v = self.config.graft.apply(v, &ghat);
-            // <v, g> of the direction applied, for the KL clip.
-            let applied_vg = self
-                .config
-                .kl_clip
-                .map(|_| ordered_sum(v.clone() * ghat.clone()));
-            directions.push((layer.meta.clone(), v, vg, applied_vg));
+        type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+        // (layers, gradients [L, d_out, d_in'], directions [L, d_out, d_in']) per block.
+        let mut parts: Vec<Part<Inner<B>>> = Vec::new();
+        let single = |layer, grads: &GradientsParams| self.precondition_layer(layer, grads);
+        for block in self.blocks.iter().flat_map(|b| &b.blocks) {
+            match block {
+                blocks::Block::Single(id) => {
+                    parts.extend(self.layers.get(id).and_then(|l| single(l, grads)));
+                }
+                blocks::Block::Stack { ids, stack } => {
+                    let layers: Vec<_> = ids.iter().filter_map(|id| self.layers.get(id)).collect();
+                    let metas: Vec<_> = layers.iter().map(|l| &l.meta).collect();
+                    match blocks::gather::<Inner<B>>(&metas, grads) {
+                        Some(ghat) if metas.len() == ids.len() => {
+                            let v = stack.apply(ghat.clone());
+                            parts.push((metas, ghat, v));
+                        }
+                        // A layer without its gradient: the others on their own.
+                        _ => parts.extend(layers.into_iter().filter_map(|l| single(l, grads))),
+                    }
+                }
+            }
         }
-        if directions.is_empty() {
+        if parts.is_empty() {
             return Preconditioned {
                 layers: Vec::new(),
                 inner_products: Vec::new(),
                 kl_scale: None,
             };
+        }
+        let mut directions = Vec::with_capacity(parts.len());
+        for (metas, ghat, v) in parts {
+            // The reductions first, then each layer's factors, then one pass over the entries:
+            // on the GPU backends the factors' arithmetic fuses into one kernel per block, and
+            // the choice and scaling of the direction into another.
+            let vg = blocks::per_layer_sum(v.clone() * ghat.clone());
+            let squares = (self.config.graft != Graft::None).then(|| {
+                let squared =
+                    |t: &Tensor<Inner<B>, 3>| blocks::per_layer_sum(t.clone().powi_scalar(2));
+                (squared(&ghat), squared(&v))
+            });
+            let ok = guard::finite(vg.clone());
+            let identity = ghat.clone() / self.damping;
+            let graft = self.config.graft;
+            let (v, identity) = match squares {
+                Some((gg, vv)) => {
+                    // The damped identity's norm is |g| / lambda.
+                    let damped = gg.clone() / (self.damping * self.damping);
+                    match (graft.scale(gg.clone(), vv), graft.scale(gg, damped)) {
+                        (Some(v_scale), Some(id_scale)) => (v * v_scale, identity * id_scale),
+                        _ => (v, identity),
+                    }
+                }
+                None => (v, identity),
+            };
+            let v = guard::choose_shaped(&ok, v, identity);
+            // <v, g> of the direction applied, for the KL clip.
+            let applied_vg = self
+                .config
+                .kl_clip
+                .map(|_| blocks::per_layer_sum(v.clone() * ghat.clone()).reshape([metas.len()]));
+            let vg = vg.reshape([metas.len()]);
+            directions.push((metas, v, vg, applied_vg));
         }
         let kl_scale = self.config.kl_clip.map(|kappa| {
             let total = Tensor::cat(directions.iter().filter_map(|d| d.3.clone()).collect(), 0)
@@ -543,13 +602,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         });
         let inner = directions.iter().map(|d| d.2.clone()).collect();
         let mut layers = Vec::with_capacity(directions.len());
-        for (meta, v, _, _) in directions {
+        for (metas, v, _, _) in directions {
             let v = match &kl_scale {
-                Some(scale) => v * scale.clone().reshape([1, 1]),
+                Some(scale) => v * scale.clone().reshape([1, 1, 1]),
                 None => v,
             };
-            layers.push(meta.weight_id);
-            meta.set_direction(grads, v);
+            layers.extend(metas.iter().map(|meta| meta.weight_id));
+            blocks::scatter(&metas, grads, v);
         }
         Preconditioned {
             layers,
@@ -559,21 +618,14 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
     }
 }
 
-/// The sum of a matrix's entries in a fixed order (`[1]`), in one reduction: the matrix as one
-/// row, summed along it. Burn-flex splits a whole-tensor `sum` of 4M values or more over rayon
-/// threads and adds the parts in the order they finish, which changes the last bits from run
-/// to run (the KL clip scales the update by this sum: training would not be reproducible); a
-/// row sum is one sequential pass.
-pub(crate) fn ordered_sum<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Tensor<B, 1> {
-    let n = t.shape().num_elements();
-    t.reshape([1, n]).sum_dim(1).reshape([1])
-}
+/// Layers preconditioned together: their gradients and directions `[L, d_out, d_in']`.
+type Part<'a, B> = (Vec<&'a LayerMeta>, Tensor<B, 3>, Tensor<B, 3>);
 
 /// What [`NaturalGradient::precondition`] left on the device for the step report.
 struct Preconditioned<B: burn::tensor::backend::Backend> {
     /// The preconditioned layers (weight ids).
     layers: Vec<ParamId>,
-    /// `<v, g>` per layer (`[1]` each), NaN where the direction was not finite and the damped
+    /// `<v, g>` per layer (`[L]` per block, in the order of `layers`), NaN where the direction was not finite and the damped
     /// identity was used instead.
     inner_products: Vec<Tensor<B, 1>>,
     /// The KL-clipping scale (`[1]`).

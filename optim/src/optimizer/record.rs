@@ -279,6 +279,7 @@ pub(super) fn load_record<B: AutodiffBackend>(
         .map(|m| if m == 0 { HyloMode::Kid } else { HyloMode::Kis });
     optim.momentum = params_from_record(record.momentum);
     optim.layers.clear();
+    optim.blocks = None;
     for layer in record.layers {
         let Some(geometry) = decode_geometry(&layer.geometry) else {
             tracing::warn!(

@@ -39,6 +39,8 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         grads: &GradientsParams,
         inversion: bool,
     ) -> (Failures, CommBytes) {
+        // The blocks stack the curvature about to change: built again at this step's update.
+        self.blocks = None;
         for capture in &captures {
             let damping = self.damping;
             self.layers

@@ -5,6 +5,7 @@ pub mod kid;
 pub mod kis;
 pub mod lowrank;
 pub mod sngd;
+pub mod stacked;
 pub mod switch;
 
 pub use kfac::{KfacMethod, KfacState};
