@@ -17,8 +17,8 @@ use common::*;
 use hylo_optim::capture::{CaptureHandle, CapturedConv2d, CapturedLinear};
 use hylo_optim::optimizer::Curvature;
 use hylo_optim::{
-    ConvMode, CurvatureConfig, DampingConfig, Graft, HyloConfig, NaturalGradient, SngdConfig,
-    SwitchPolicy,
+    ConvMode, CurvatureConfig, DampingConfig, Graft, HyloConfig, KfacConfig, KfacMethod,
+    NaturalGradient, SngdConfig, SwitchPolicy,
 };
 
 /// Three hidden layers of one shape (they stack) and a head of another.
@@ -182,8 +182,23 @@ impl Layered for ConvDeep<TB> {
 
 type Init = fn(CurvatureConfig, &CaptureHandle) -> NaturalGradient<TB>;
 
-fn methods() -> [(&'static str, Init); 4] {
+fn methods() -> [(&'static str, Init); 6] {
     [
+        ("kfac", |c, h| {
+            KfacConfig::new()
+                .with_curvature(c)
+                .with_inverse_every(2)
+                .init(h)
+                .unwrap()
+        }),
+        ("kfac-inverse", |c, h| {
+            KfacConfig::new()
+                .with_curvature(c)
+                .with_inverse_every(2)
+                .with_method(KfacMethod::Inverse)
+                .init(h)
+                .unwrap()
+        }),
         ("sngd", |c, h| {
             SngdConfig::new().with_curvature(c).init(h).unwrap()
         }),
@@ -218,7 +233,7 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
 }
 
-/// Two steps of every low-rank method on `new()`'s model: each layer moves by lr times its own
+/// Two steps of every method on `new()`'s model: each layer moves by lr times its own
 /// state's direction, and SNGD's refresh keeps each layer's own samples.
 fn each_layer_moves_by_its_own_curvature<M: Layered>(new: fn(&CaptureHandle) -> M) {
     let lr = 0.1;
@@ -241,16 +256,22 @@ fn each_layer_moves_by_its_own_curvature<M: Layered>(new: fn(&CaptureHandle) -> 
             let scale = lr * optim.step_scale();
             let after = next.matrices(None);
             for (k, id) in next.ids().into_iter().enumerate() {
-                let state = optim
+                let curvature = optim
                     .layers()
                     .find(|l| l.meta.weight_id == id)
-                    .map(|l| match &l.curvature {
-                        Curvature::LowRank(s) => s.clone(),
-                        Curvature::Kfac(_) => panic!("a low-rank method"),
-                    })
+                    .map(|l| l.curvature.clone())
                     .unwrap();
-                assert!(state.rank() > 0, "{name}: layer {k} has curvature");
-                if name == "sngd-exact" && step == 0 {
+                let direction = match &curvature {
+                    Curvature::Kfac(state) => {
+                        assert!(state.a_eigen.is_some() || state.inverses.is_some());
+                        state.apply(ghat[k].clone(), optim.damping())
+                    }
+                    Curvature::LowRank(state) => {
+                        assert!(state.rank() > 0, "{name}: layer {k} has curvature");
+                        state.apply(ghat[k].clone())
+                    }
+                };
+                if let (Curvature::LowRank(state), "sngd-exact", 0) = (&curvature, name, step) {
                     // SNGD's exact refresh keeps every sample's gradient of this layer: their sum
                     // is the layer's gradient (up to the loss's scale), whichever stack holds
                     // them.
@@ -265,7 +286,7 @@ fn each_layer_moves_by_its_own_curvature<M: Layered>(new: fn(&CaptureHandle) -> 
                         "sngd layer {k}: rows of another layer (cos {cos})"
                     );
                 }
-                let expected = to_vec(state.apply(ghat[k].clone()) * scale);
+                let expected = to_vec(direction * scale);
                 let moved = to_vec(before[k].clone() - after[k].clone());
                 let err = rel_err(&moved, &expected);
                 assert!(

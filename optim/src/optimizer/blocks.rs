@@ -1,7 +1,7 @@
-//! The preconditioned layers grouped for a step. Layers whose low-rank states stack (one shape,
-//! one kind of rows, one damping: [`StackKey`]) form one block, preconditioned, guarded and
-//! grafted in batched operations; every other layer (K-FAC) is a block of its own. On a GPU a
-//! small model's step is bound by kernel launches: ResNet-20's 21 layers form 9 blocks.
+//! The preconditioned layers grouped for a step. Layers whose states stack (one shape, one kind
+//! of curvature, one damping where the state holds it: [`StackKey`]) form one block,
+//! preconditioned, guarded and grafted in batched operations. On a GPU a small model's step is
+//! bound by kernel launches: ResNet-20's 21 layers form 9 blocks.
 
 use std::collections::BTreeMap;
 
@@ -10,20 +10,34 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::{Curvature, LayerMeta, LayerState};
 use crate::capture::LayerGeometry;
-use crate::precond::stacked::{LowRankStack, StackKey};
+use crate::precond::stacked::{KfacStack, LowRankStack, StackKey};
 
-/// Layers preconditioned together.
+/// Layers of one [`StackKey`], in the model's order, preconditioned together.
 #[derive(Clone, Debug)]
-pub(super) enum Block<B: Backend> {
-    /// One layer on its own (K-FAC).
-    Single(u64),
-    /// Low-rank layers of one [`StackKey`], in the model's order, and their stacked states.
-    Stack {
-        /// Weight ids.
-        ids: Vec<u64>,
-        /// Their states.
-        stack: LowRankStack<B>,
-    },
+pub(super) struct Block<B: Backend> {
+    /// Weight ids.
+    pub ids: Vec<u64>,
+    /// Their stacked states.
+    pub stack: Stack<B>,
+}
+
+/// Stacked states of either kind.
+#[derive(Clone, Debug)]
+pub(super) enum Stack<B: Backend> {
+    /// SNGD, KIS or KID.
+    LowRank(LowRankStack<B>),
+    /// K-FAC.
+    Kfac(KfacStack<B>),
+}
+
+impl<B: Backend> Stack<B> {
+    /// The directions of gradients `[L, d_out, d_in']` (`damping`: the step's, for K-FAC).
+    pub fn apply(&self, grads: Tensor<B, 3>, damping: f64) -> Tensor<B, 3> {
+        match self {
+            Self::LowRank(stack) => stack.apply(grads),
+            Self::Kfac(stack) => stack.apply(grads, damping),
+        }
+    }
 }
 
 /// The blocks of the layers in `order`, valid until the curvature changes.
@@ -40,40 +54,59 @@ impl<B: Backend> Blocks<B> {
     /// by views of its block's stack, so that the curvature is held once.
     pub fn build(order: &[u64], layers: &mut BTreeMap<u64, LayerState<B>>) -> Self {
         // Keys in order of first appearance, each with its layers.
-        let mut groups: Vec<(Option<StackKey>, Vec<u64>)> = Vec::new();
+        let mut groups: Vec<(StackKey, Vec<u64>)> = Vec::new();
         for id in order {
             let Some(layer) = layers.get(id) else {
                 continue;
             };
             let key = match &layer.curvature {
-                Curvature::LowRank(state) => Some(StackKey::of(state, shape(&layer.meta))),
-                Curvature::Kfac(_) => None,
+                Curvature::LowRank(state) => StackKey::of(state, shape(&layer.meta)),
+                Curvature::Kfac(state) => StackKey::of_kfac(state, shape(&layer.meta)),
             };
-            match groups.iter_mut().find(|(k, _)| key.is_some() && *k == key) {
+            match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, ids)) => ids.push(*id),
                 None => groups.push((key, vec![*id])),
             }
         }
         let blocks = groups
             .into_iter()
-            .map(|(key, ids)| {
-                if key.is_none() {
-                    return Block::Single(ids[0]);
-                }
-                let states: Vec<_> = ids
-                    .iter()
-                    .filter_map(|id| match &layers[id].curvature {
-                        Curvature::LowRank(state) => Some(state),
-                        Curvature::Kfac(_) => None,
-                    })
-                    .collect();
-                let (stack, views) = LowRankStack::new(&states);
+            .map(|(_, ids)| {
+                let curvatures: Vec<_> = ids.iter().map(|id| &layers[id].curvature).collect();
+                let (stack, views) = match curvatures[0] {
+                    Curvature::LowRank(_) => {
+                        let states: Vec<_> = curvatures
+                            .iter()
+                            .filter_map(|c| match c {
+                                Curvature::LowRank(s) => Some(s),
+                                Curvature::Kfac(_) => None,
+                            })
+                            .collect();
+                        let (stack, views) = LowRankStack::new(&states);
+                        let views = views
+                            .into_iter()
+                            .map(Curvature::LowRank)
+                            .collect::<Vec<_>>();
+                        (Stack::LowRank(stack), views)
+                    }
+                    Curvature::Kfac(_) => {
+                        let states: Vec<_> = curvatures
+                            .iter()
+                            .filter_map(|c| match c {
+                                Curvature::Kfac(s) => Some(s),
+                                Curvature::LowRank(_) => None,
+                            })
+                            .collect();
+                        let (stack, views) = KfacStack::new(&states);
+                        let views = views.into_iter().map(Curvature::Kfac).collect::<Vec<_>>();
+                        (Stack::Kfac(stack), views)
+                    }
+                };
                 for (id, view) in ids.iter().zip(views) {
                     if let Some(layer) = layers.get_mut(id) {
-                        layer.curvature = Curvature::LowRank(view);
+                        layer.curvature = view;
                     }
                 }
-                Block::Stack { ids, stack }
+                Block { ids, stack }
             })
             .collect();
         Self {

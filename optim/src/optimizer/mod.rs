@@ -534,22 +534,19 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         let mut parts: Vec<Part<Inner<B>>> = Vec::new();
         let single = |layer, grads: &GradientsParams| self.precondition_layer(layer, grads);
         for block in self.blocks.iter().flat_map(|b| &b.blocks) {
-            match block {
-                blocks::Block::Single(id) => {
-                    parts.extend(self.layers.get(id).and_then(|l| single(l, grads)));
+            let layers: Vec<_> = block
+                .ids
+                .iter()
+                .filter_map(|id| self.layers.get(id))
+                .collect();
+            let metas: Vec<_> = layers.iter().map(|l| &l.meta).collect();
+            match blocks::gather::<Inner<B>>(&metas, grads) {
+                Some(ghat) if metas.len() == block.ids.len() => {
+                    let v = block.stack.apply(ghat.clone(), self.damping);
+                    parts.push((metas, ghat, v));
                 }
-                blocks::Block::Stack { ids, stack } => {
-                    let layers: Vec<_> = ids.iter().filter_map(|id| self.layers.get(id)).collect();
-                    let metas: Vec<_> = layers.iter().map(|l| &l.meta).collect();
-                    match blocks::gather::<Inner<B>>(&metas, grads) {
-                        Some(ghat) if metas.len() == ids.len() => {
-                            let v = stack.apply(ghat.clone());
-                            parts.push((metas, ghat, v));
-                        }
-                        // A layer without its gradient: the others on their own.
-                        _ => parts.extend(layers.into_iter().filter_map(|l| single(l, grads))),
-                    }
-                }
+                // A layer without its gradient: the others on their own.
+                _ => parts.extend(layers.into_iter().filter_map(|l| single(l, grads))),
             }
         }
         if parts.is_empty() {
@@ -570,19 +567,13 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
                     |t: &Tensor<Inner<B>, 3>| blocks::per_layer_sum(t.clone().powi_scalar(2));
                 (squared(&ghat), squared(&v))
             });
+            // Each layer's factors (`[L, 1, 1]`), then the entries (`[L, d_out, d_in']`).
             let ok = guard::finite(vg.clone());
-            let identity = ghat.clone() / self.damping;
-            let graft = self.config.graft;
-            let (v, identity) = match squares {
-                Some((gg, vv)) => {
-                    // The damped identity's norm is |g| / lambda.
-                    let damped = gg.clone() / (self.damping * self.damping);
-                    match (graft.scale(gg.clone(), vv), graft.scale(gg, damped)) {
-                        (Some(v_scale), Some(id_scale)) => (v * v_scale, identity * id_scale),
-                        _ => (v, identity),
-                    }
-                }
-                None => (v, identity),
+            let scale = squares.and_then(|(gg, vv)| self.config.graft.scale(gg, vv));
+            let (v, identity) = match scale {
+                // Grafted, the damped identity g / lambda is g itself.
+                Some(scale) => (v * scale, ghat.clone()),
+                None => (v, ghat.clone() / self.damping),
             };
             let v = guard::choose_shaped(&ok, v, identity);
             // <v, g> of the direction applied, for the KL clip.

@@ -1,10 +1,10 @@
-//! Several layers' low-rank states of one shape, stacked along a leading axis so that a step
-//! applies all of them in a few batched products (on a GPU: a few kernels for the group instead
-//! of a few per layer).
+//! Several layers' states of one shape (low-rank or K-FAC), stacked along a leading axis so that
+//! a step applies all of them in a few batched products (on a GPU: a few kernels for the group
+//! instead of a few per layer).
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::LowRankState;
+use super::{KfacState, LowRankState};
 use crate::rows::PerSampleRows;
 
 /// What decides whether two low-rank states can be stacked: the same kind of rows, shapes and
@@ -17,6 +17,12 @@ pub enum StackKey {
     Dense([usize; 3], u64),
     /// No curvature (the damped identity) for a gradient `[d_out, d_in']`.
     Identity([usize; 2], u64),
+    /// K-FAC eigendecompositions for a gradient `[d_out, d_in']` (damped at each step).
+    KfacEigen([usize; 2]),
+    /// K-FAC inverses for a gradient `[d_out, d_in']`, damped at inversion.
+    KfacInverse([usize; 2], u64),
+    /// K-FAC before its first decomposition: the damped identity at each step's damping.
+    KfacIdentity([usize; 2]),
 }
 
 impl StackKey {
@@ -31,6 +37,15 @@ impl StackKey {
                 Self::Dense([j.dims()[0], shape[0], shape[1]], damping)
             }
             _ => Self::Identity(shape, damping),
+        }
+    }
+
+    /// The key of a K-FAC `state` for a layer whose gradient is `[d_out, d_in']`.
+    pub fn of_kfac<B: Backend>(state: &KfacState<B>, shape: [usize; 2]) -> Self {
+        match (&state.inverses, &state.a_eigen, &state.g_eigen) {
+            (Some((_, _, damping)), _, _) => Self::KfacInverse(shape, damping.to_bits()),
+            (None, Some(_), Some(_)) => Self::KfacEigen(shape),
+            _ => Self::KfacIdentity(shape),
         }
     }
 }
@@ -103,10 +118,6 @@ impl<B: Backend> LowRankStack<B> {
             }
             _ => StackedRows::Identity,
         };
-        let view = |t: &Tensor<B, 3>, i: usize| {
-            let [_, r, c] = t.dims();
-            t.clone().narrow(0, i, 1).reshape([r, c])
-        };
         let views = states
             .iter()
             .enumerate()
@@ -175,6 +186,121 @@ impl<B: Backend> LowRankStack<B> {
             None => grads / self.damping,
         }
     }
+}
+
+/// The stacked K-FAC decompositions of `L` layers.
+#[derive(Clone, Debug)]
+enum StackedFactors<B: Backend> {
+    /// `q_a` `[L, d_in', d_in']`, `d_a` `[L, 1, d_in']`, `q_g` `[L, d_out, d_out]`, `d_g`
+    /// `[L, d_out, 1]`.
+    Eigen {
+        q_a: Tensor<B, 3>,
+        d_a: Tensor<B, 3>,
+        q_g: Tensor<B, 3>,
+        d_g: Tensor<B, 3>,
+    },
+    /// `a_inv` `[L, d_in', d_in']`, `g_inv` `[L, d_out, d_out]`.
+    Inverse {
+        a_inv: Tensor<B, 3>,
+        g_inv: Tensor<B, 3>,
+    },
+    /// No decomposition yet.
+    Identity,
+}
+
+/// `L` K-FAC states of one [`StackKey`], applied at once to gradients `[L, d_out, d_in']`.
+#[derive(Clone, Debug)]
+pub struct KfacStack<B: Backend> {
+    factors: StackedFactors<B>,
+    len: usize,
+}
+
+impl<B: Backend> KfacStack<B> {
+    /// Stacks `states` (all of one [`StackKey`], at least one); returns the stack and each state
+    /// with its decomposition replaced by views of the stack (as [`LowRankStack::new`]).
+    pub fn new(states: &[&KfacState<B>]) -> (Self, Vec<KfacState<B>>) {
+        let len = states.len();
+        assert!(len > 0, "a stack of no states");
+        let gather = |pick: &dyn Fn(&KfacState<B>) -> Option<Tensor<B, 2>>| {
+            stack(states.iter().filter_map(|s| pick(s)).collect())
+        };
+        let first = states[0];
+        let factors = if first.inverses.is_some() {
+            StackedFactors::Inverse {
+                a_inv: gather(&|s| s.inverses.as_ref().map(|i| i.0.clone())),
+                g_inv: gather(&|s| s.inverses.as_ref().map(|i| i.1.clone())),
+            }
+        } else if first.a_eigen.is_some() && first.g_eigen.is_some() {
+            StackedFactors::Eigen {
+                q_a: gather(&|s| s.a_eigen.as_ref().map(|e| e.0.clone())),
+                d_a: gather(&|s| s.a_eigen.as_ref().map(|e| e.1.clone())),
+                q_g: gather(&|s| s.g_eigen.as_ref().map(|e| e.0.clone())),
+                d_g: gather(&|s| s.g_eigen.as_ref().map(|e| e.1.clone())),
+            }
+        } else {
+            StackedFactors::Identity
+        };
+        let views = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut state = (*s).clone();
+                match &factors {
+                    StackedFactors::Inverse { a_inv, g_inv } => {
+                        if let Some(inverses) = &mut state.inverses {
+                            inverses.0 = view(a_inv, i);
+                            inverses.1 = view(g_inv, i);
+                        }
+                    }
+                    StackedFactors::Eigen { q_a, d_a, q_g, d_g } => {
+                        state.a_eigen = Some((view(q_a, i), view(d_a, i)));
+                        state.g_eigen = Some((view(q_g, i), view(d_g, i)));
+                    }
+                    StackedFactors::Identity => {}
+                }
+                state
+            })
+            .collect();
+        (Self { factors, len }, views)
+    }
+
+    /// Number of stacked layers `L`.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no layer is stacked (never: [`KfacStack::new`] needs one).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The directions of gradients `[L, d_out, d_in']` at damping `damping`, each as
+    /// [`KfacState::apply`] gives it.
+    pub fn apply(&self, grads: Tensor<B, 3>, damping: f64) -> Tensor<B, 3> {
+        match &self.factors {
+            StackedFactors::Inverse { a_inv, g_inv } => {
+                g_inv.clone().matmul(grads).matmul(a_inv.clone())
+            }
+            StackedFactors::Eigen { q_a, d_a, q_g, d_g } => {
+                let rotated = q_g
+                    .clone()
+                    .swap_dims(1, 2)
+                    .matmul(grads)
+                    .matmul(q_a.clone());
+                let scaled = rotated / (d_g.clone().matmul(d_a.clone()) + damping);
+                q_g.clone()
+                    .matmul(scaled)
+                    .matmul(q_a.clone().swap_dims(1, 2))
+            }
+            StackedFactors::Identity => grads / damping,
+        }
+    }
+}
+
+/// Row `i` of a stack `[L, r, c]`, as `[r, c]` (a view).
+fn view<B: Backend>(t: &Tensor<B, 3>, i: usize) -> Tensor<B, 2> {
+    let [_, r, c] = t.dims();
+    t.clone().narrow(0, i, 1).reshape([r, c])
 }
 
 /// `tensors` (each `[r, c]`) stacked as `[L, r, c]`; a single one is only reshaped.
@@ -270,6 +396,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn spd(d: usize) -> Tensor<B, 2> {
+        let x = random([d, d + 2]);
+        x.clone().matmul(x.transpose()) / d as f64
+    }
+
+    /// K-FAC states (eigen, inverse, not yet decomposed), stacked one, three at a time, give
+    /// each layer the direction its own state gives.
+    #[test]
+    fn a_kfac_stack_applies_each_layers_own_state() {
+        use crate::precond::KfacMethod;
+        let (d_out, d_in, damping) = (4, 6, 0.3);
+        for method in [Some(KfacMethod::Eigen), Some(KfacMethod::Inverse), None] {
+            for count in [1, 3] {
+                let states: Vec<_> = (0..count)
+                    .map(|_| {
+                        let mut s = KfacState::new(spd(d_in), spd(d_out));
+                        if let Some(m) = method {
+                            s.invert(m, damping).unwrap();
+                        }
+                        s
+                    })
+                    .collect();
+                let keys: Vec<_> = states
+                    .iter()
+                    .map(|s| StackKey::of_kfac(s, [d_out, d_in]))
+                    .collect();
+                assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+                let refs: Vec<_> = states.iter().collect();
+                let (stack, views) = KfacStack::new(&refs);
+                assert_eq!(stack.len(), count);
+                let grads: Vec<Tensor<B, 2>> = (0..count).map(|_| random([d_out, d_in])).collect();
+                let stacked = stack.apply(Tensor::stack(grads.clone(), 0), damping);
+                for (i, g) in grads.iter().enumerate() {
+                    let own = states[i].apply(g.clone(), damping);
+                    let got = stacked.clone().narrow(0, i, 1).reshape([d_out, d_in]);
+                    assert_close(got, own.clone());
+                    assert_close(views[i].apply(g.clone(), damping), own);
+                }
+            }
+        }
+        let mut eigen = KfacState::new(spd(d_in), spd(d_out));
+        eigen.invert(KfacMethod::Eigen, damping).unwrap();
+        let mut inverse = eigen.clone();
+        inverse.invert(KfacMethod::Inverse, damping).unwrap();
+        let key = |s: &KfacState<B>| StackKey::of_kfac(s, [d_out, d_in]);
+        assert_ne!(key(&eigen), key(&inverse));
+        assert_ne!(key(&eigen), key(&KfacState::new(spd(d_in), spd(d_out))));
     }
 
     #[test]
