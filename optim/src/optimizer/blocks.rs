@@ -74,30 +74,16 @@ impl<B: Backend> Blocks<B> {
                 let curvatures: Vec<_> = ids.iter().map(|id| &layers[id].curvature).collect();
                 let (stack, views) = match curvatures[0] {
                     Curvature::LowRank(_) => {
-                        let states: Vec<_> = curvatures
-                            .iter()
-                            .filter_map(|c| match c {
-                                Curvature::LowRank(s) => Some(s),
-                                Curvature::Kfac(_) => None,
-                            })
-                            .collect();
+                        let states: Vec<_> =
+                            curvatures.iter().filter_map(|c| c.low_rank()).collect();
                         let (stack, views) = LowRankStack::new(&states);
-                        let views = views
-                            .into_iter()
-                            .map(Curvature::LowRank)
-                            .collect::<Vec<_>>();
+                        let views: Vec<_> = views.into_iter().map(Curvature::LowRank).collect();
                         (Stack::LowRank(stack), views)
                     }
                     Curvature::Kfac(_) => {
-                        let states: Vec<_> = curvatures
-                            .iter()
-                            .filter_map(|c| match c {
-                                Curvature::Kfac(s) => Some(s),
-                                Curvature::LowRank(_) => None,
-                            })
-                            .collect();
+                        let states: Vec<_> = curvatures.iter().filter_map(|c| c.kfac()).collect();
                         let (stack, views) = KfacStack::new(&states);
-                        let views = views.into_iter().map(Curvature::Kfac).collect::<Vec<_>>();
+                        let views: Vec<_> = views.into_iter().map(Curvature::Kfac).collect();
                         (Stack::Kfac(stack), views)
                     }
                 };

@@ -77,6 +77,24 @@ pub enum Curvature<B: burn::tensor::backend::Backend> {
     Kfac(KfacState<B>),
 }
 
+impl<B: burn::tensor::backend::Backend> Curvature<B> {
+    /// The low-rank state, if that is what the layer holds.
+    pub fn low_rank(&self) -> Option<&LowRankState<B>> {
+        match self {
+            Self::LowRank(state) => Some(state),
+            Self::Kfac(_) => None,
+        }
+    }
+
+    /// The K-FAC state, if that is what the layer holds.
+    pub fn kfac(&self) -> Option<&KfacState<B>> {
+        match self {
+            Self::Kfac(state) => Some(state),
+            Self::LowRank(_) => None,
+        }
+    }
+}
+
 /// One preconditioned layer: identity, shape and curvature.
 #[derive(Clone, Debug)]
 pub struct LayerState<B: burn::tensor::backend::Backend> {

@@ -320,6 +320,8 @@ mod tests {
     use burn::tensor::Distribution;
 
     type B = Flex;
+    /// Rows of `n` samples for a gradient `[d_out, d_in']`, or none.
+    type MakeRows = fn(usize, usize, usize) -> Option<PerSampleRows<B>>;
 
     fn random<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
@@ -367,7 +369,7 @@ mod tests {
     #[test]
     fn a_stack_applies_each_layers_own_state() {
         let (d_out, d_in, n) = (5, 7, 4);
-        let kinds: [fn(usize, usize, usize) -> Option<PerSampleRows<B>>; 3] = [
+        let kinds: [MakeRows; 3] = [
             |n, o, i| Some(kronecker(n, o, i)),
             |n, o, i| Some(dense(n, o, i)),
             |_, _, _| None,
