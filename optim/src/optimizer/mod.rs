@@ -576,16 +576,15 @@ impl<B: AutodiffBackend> NaturalGradient<B> {
         }
         let mut directions = Vec::with_capacity(parts.len());
         for (metas, ghat, v) in parts {
-            // The reductions first, then each layer's factors, then one pass over the entries:
-            // on the GPU backends the factors' arithmetic fuses into one kernel per block, and
-            // the choice and scaling of the direction into another.
+            // The block's three reductions first (`<v, g>`, `|g|^2`, `|v|^2`), then each
+            // layer's factors, then the entries: fewer kernels than a layer at a time, though on
+            // lavapipe (no autotune) each `[L, 1, 1]` operation still runs as its own kernel.
             let vg = blocks::per_layer_sum(v.clone() * ghat.clone());
             let squares = (self.config.graft != Graft::None).then(|| {
                 let squared =
                     |t: &Tensor<Inner<B>, 3>| blocks::per_layer_sum(t.clone().powi_scalar(2));
                 (squared(&ghat), squared(&v))
             });
-            // Each layer's factors (`[L, 1, 1]`), then the entries (`[L, d_out, d_in']`).
             let ok = guard::finite(vg.clone());
             let scale = squares.and_then(|(gg, vv)| self.config.graft.scale(gg, vv));
             let (v, identity) = match scale {
@@ -634,8 +633,8 @@ type Part<'a, B> = (Vec<&'a LayerMeta>, Tensor<B, 3>, Tensor<B, 3>);
 struct Preconditioned<B: burn::tensor::backend::Backend> {
     /// The preconditioned layers (weight ids).
     layers: Vec<ParamId>,
-    /// `<v, g>` per layer (`[L]` per block, in the order of `layers`), NaN where the direction was not finite and the damped
-    /// identity was used instead.
+    /// `<v, g>` per layer (`[L]` per block, in the order of `layers`), NaN where the direction
+    /// was not finite and the damped identity was used instead.
     inner_products: Vec<Tensor<B, 1>>,
     /// The KL-clipping scale (`[1]`).
     kl_scale: Option<Tensor<B, 1>>,
