@@ -7,8 +7,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use super::{KfacState, LowRankState};
 use crate::rows::PerSampleRows;
 
-/// What decides whether two low-rank states can be stacked: the same kind of rows, shapes and
-/// damping.
+/// What decides whether two layers' states can be stacked: the same kind of curvature (low-rank
+/// rows or K-FAC decompositions), the same shapes, and the same damping where the state holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StackKey {
     /// Kronecker rows: `(n, d_out, d_in')`.
@@ -123,7 +123,7 @@ impl<B: Backend> LowRankStack<B> {
             .enumerate()
             .map(|(i, s)| {
                 let mut state = (*s).clone();
-                match (&rows, &mut state.rows) {
+                match (&rows, &state.rows) {
                     (StackedRows::Kronecker { a, g, m }, Some(PerSampleRows::Kronecker { .. })) => {
                         state.rows = Some(PerSampleRows::Kronecker {
                             a: view(a, i),
